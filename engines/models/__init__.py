@@ -1,0 +1,1 @@
+"""The five slide models; build them through ``engines.registry``."""

@@ -1,0 +1,89 @@
+"""torchvision backbones with ImageNet weights only from a local file, never the network.
+
+Weights come from ``weights_path`` when given, else from torchvision's own cache folder
+(``$TORCH_HOME/hub/checkpoints``) when the user already has the file there; otherwise the
+network starts from random initialisation and a warning says so.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+# File names torchvision uses for its ImageNet weights (what a user's cache would hold).
+CACHE_FILES = {
+    "resnet18": "resnet18-f37072fd.pth",
+    "resnet34": "resnet34-b627a593.pth",
+    "resnet50": "resnet50-0676ba61.pth",
+    "inception_v3": "inception_v3_google-0cc3c7bd.pth",
+}
+
+
+class BackboneWeightsError(ValueError):
+    pass
+
+
+def _cached_file(arch: str) -> Path | None:
+    name = CACHE_FILES.get(arch)
+    if not name:
+        return None
+    path = Path(torch.hub.get_dir()) / "checkpoints" / name
+    return path if path.is_file() else None
+
+
+def build(arch: str, weights_path: str | os.PathLike | None = None, **kwargs) -> nn.Module:
+    """A torchvision classification network ``arch`` (e.g. ``resnet18``)."""
+    ctor = getattr(torchvision.models, arch, None)
+    if ctor is None:
+        raise BackboneWeightsError(f"torchvision has no model named {arch!r}")
+    if arch == "inception_v3":
+        kwargs.setdefault("aux_logits", False)
+        kwargs.setdefault("init_weights", True)
+    net = ctor(weights=None, **kwargs)
+    path = Path(weights_path) if weights_path else _cached_file(arch)
+    if path is None:
+        log.warning("%s starts from random weights (no local ImageNet weights file given)", arch)
+        return net
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure means an unusable file
+        raise BackboneWeightsError(f"{path}: not a readable weights file ({exc})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    # The classifier may differ from ImageNet's 1000 classes: keep only matching shapes.
+    own = net.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not usable:
+        raise BackboneWeightsError(f"{path}: holds no weights for {arch}")
+    missing = [k for k in own if k not in usable and not k.startswith(("fc.", "AuxLogits."))]
+    net.load_state_dict(usable, strict=False)
+    if missing:
+        log.warning("%s: %d tensors not in %s stay random", arch, len(missing), path.name)
+    log.info("%s weights loaded from %s", arch, path)
+    return net
+
+
+def resnet_trunk(arch: str = "resnet18", weights_path=None, *, drop_pool: bool = True) -> nn.Sequential:
+    """A ResNet up to its last block (no average pool, no fc): (B,3,H,W) -> (B,C,H/32,W/32)."""
+    net = build(arch, weights_path)
+    layers = [net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4]
+    if not drop_pool:
+        layers.append(net.avgpool)
+    return nn.Sequential(*layers)
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalise(x: torch.Tensor) -> torch.Tensor:
+    """ImageNet normalisation of a (B,3,H,W) tensor in [0, 1]."""
+    mean = x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (x - mean) / std

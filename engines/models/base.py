@@ -1,0 +1,60 @@
+"""What every slide model offers the inference runner and the trainer."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+
+from engines.sampling import SlideView
+from engines.trace import Event
+
+Emit = Callable[[Event], None]
+DEFAULT_CLASSES = ["normal", "tumor"]
+
+
+@dataclass
+class StepOutput:
+    """One training step on one slide: the total loss to back-propagate, the slide logits
+    (shape (C,)) and each loss term as a float for logging."""
+
+    loss: torch.Tensor
+    logits: torch.Tensor
+    parts: dict[str, float] = field(default_factory=dict)
+
+
+class SlideModel(nn.Module):
+    """Base class. A model reads a ``SlideView`` itself, so it decides where to look.
+
+    * ``training_step(view, label, epoch)`` runs the paper's training forward and losses.
+    * ``explain(view, emit)`` runs inference, calls ``emit`` with every Field, AttentionMap,
+      TrailStep and Progress as soon as it exists (level-0 coordinates), and returns the
+      final class probabilities. ``emit`` raises ``Cancelled`` when the user cancels, so
+      models emit Progress at least every few hundred milliseconds of work.
+    """
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, config: Any, classes: list[str] | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.classes = list(classes or DEFAULT_CLASSES)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def training_step(self, view: SlideView, label: int, epoch: int = 0) -> StepOutput:
+        raise NotImplementedError
+
+    def explain(self, view: SlideView, emit: Emit) -> list[float]:
+        raise NotImplementedError
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        """Parameters a fine-tune may freeze (the pretrained feature extractor)."""
+        return []
+
+    def make_optimizer(self, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+        params = [p for p in self.parameters() if p.requires_grad]
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)

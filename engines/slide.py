@@ -1,0 +1,361 @@
+"""One pixel source for every slide MagLens opens.
+
+Pyramidal vendor formats go through OpenSlide; plain images (PNG, JPEG, striped TIFF) that
+OpenSlide does not recognise are decoded once with Pillow and kept as an in-memory pyramid.
+Imports neither Qt nor torch, so the viewer and headless engines share it.
+
+Coordinates: ``read_region(level, x, y, w, h)`` follows OpenSlide: ``x, y`` are the top-left
+corner in level-0 pixels, ``w, h`` the size in pixels of the requested level. Areas outside
+the slide come back as the background colour.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image
+
+Rect = tuple[float, float, float, float]
+
+BACKGROUND = (255, 255, 255)
+# Plain images are decoded whole; refuse ones that would not fit comfortably in memory.
+MAX_PLAIN_PIXELS = 1_000_000_000
+PLAIN_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+
+
+class SlideError(Exception):
+    """A slide could not be opened or read; the message is meant for the user."""
+
+
+@dataclass(frozen=True)
+class Level:
+    width: int
+    height: int
+    downsample: float
+
+
+class Slide:
+    """A whole-slide image (or a plain image posing as one-level-or-more pyramid)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._backend = _open_backend(self.path)
+        self.levels: list[Level] = self._backend.levels
+        self.properties: dict[str, str] = self._backend.properties
+        self.vendor: str = self._backend.vendor
+        self.mpp_xy: tuple[float, float] | None = _mpp_from_properties(self.properties)
+        self.objective_power: float | None = _objective_from_properties(self.properties)
+
+    # -- basic facts -------------------------------------------------------------------
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return self.levels[0].width, self.levels[0].height
+
+    @property
+    def width(self) -> int:
+        return self.levels[0].width
+
+    @property
+    def height(self) -> int:
+        return self.levels[0].height
+
+    @property
+    def level_count(self) -> int:
+        return len(self.levels)
+
+    @property
+    def mpp(self) -> float | None:
+        """Mean microns per level-0 pixel, or None when the file does not say."""
+        if self.mpp_xy is None:
+            return None
+        return (self.mpp_xy[0] + self.mpp_xy[1]) / 2.0
+
+    @property
+    def associated_names(self) -> list[str]:
+        return list(self._backend.associated_names)
+
+    def associated_image(self, name: str) -> np.ndarray:
+        """An associated image (label, macro, thumbnail) as HxWx3 uint8."""
+        if name not in self._backend.associated_names:
+            raise SlideError(f"{self.path.name} has no associated image named {name!r}")
+        return _guarded(self.path, lambda: _rgb(self._backend.associated(name)))
+
+    def info(self) -> dict:
+        """Plain-data description, as printed by ``maglens info``."""
+        return {
+            "path": str(self.path),
+            "vendor": self.vendor,
+            "width": self.width,
+            "height": self.height,
+            "levels": [
+                {"width": lv.width, "height": lv.height, "downsample": lv.downsample}
+                for lv in self.levels
+            ],
+            "mpp": list(self.mpp_xy) if self.mpp_xy else None,
+            "objective_power": self.objective_power,
+            "associated_images": self.associated_names,
+            "properties": dict(self.properties),
+        }
+
+    # -- geometry helpers ----------------------------------------------------------------
+    def best_level_for_downsample(self, downsample: float) -> int:
+        """The coarsest level whose downsample does not exceed ``downsample`` (just finer)."""
+        best = 0
+        for i, lv in enumerate(self.levels):
+            if lv.downsample <= downsample * 1.0001:
+                best = i
+        return best
+
+    # -- pixels --------------------------------------------------------------------------
+    def read_region(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """HxWx3 uint8 of level ``level``; ``x, y`` in level-0 pixels, ``w, h`` at the level."""
+        if not 0 <= level < len(self.levels):
+            raise SlideError(f"{self.path.name}: level {level} does not exist")
+        if w <= 0 or h <= 0:
+            return np.full((max(h, 0), max(w, 0), 3), BACKGROUND, np.uint8)
+        return _guarded(self.path, lambda: self._backend.read(level, int(x), int(y), int(w), int(h)))
+
+    def read_rect(self, rect: Rect, out_w: int, out_h: int) -> np.ndarray:
+        """The level-0 rectangle ``rect`` resampled to ``out_w`` x ``out_h`` pixels."""
+        x, y, w, h = rect
+        if w <= 0 or h <= 0:
+            raise SlideError("read_rect needs a rectangle with a positive size")
+        downsample = min(w / out_w, h / out_h)
+        level = self.best_level_for_downsample(max(downsample, 1e-9))
+        ds = self.levels[level].downsample
+        x0, y0 = math.floor(x), math.floor(y)
+        x1, y1 = math.ceil(x + w), math.ceil(y + h)
+        lw = max(1, math.ceil((x1 - x0) / ds))
+        lh = max(1, math.ceil((y1 - y0) / ds))
+        region = self.read_region(level, x0, y0, lw, lh)
+        # Crop the exact sub-pixel box while resizing (PIL's box is in source pixels).
+        box = ((x - x0) / ds, (y - y0) / ds, (x + w - x0) / ds, (y + h - y0) / ds)
+        box = (box[0], box[1], min(box[2], lw), min(box[3], lh))
+        img = Image.fromarray(region).resize((int(out_w), int(out_h)), Image.BILINEAR, box=box)
+        return np.asarray(img)
+
+    def thumbnail(self, max_side: int) -> np.ndarray:
+        """The whole slide fitted into ``max_side`` x ``max_side``, aspect kept."""
+        scale = max_side / max(self.width, self.height)
+        out_w = max(1, round(self.width * scale))
+        out_h = max(1, round(self.height * scale))
+        return self.read_rect((0, 0, self.width, self.height), out_w, out_h)
+
+    def close(self) -> None:
+        self._backend.close()
+
+    def __enter__(self) -> "Slide":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Slide({self.path.name!r}, {self.width}x{self.height}, {self.level_count} levels)"
+
+
+def open_slide(path: str | os.PathLike) -> Slide:
+    return Slide(path)
+
+
+# ---------------------------------------------------------------------------------------
+# Backends
+# ---------------------------------------------------------------------------------------
+class _OpenSlideBackend:
+    def __init__(self, path: Path, osr) -> None:
+        self._osr = osr
+        self.levels = [
+            Level(int(w), int(h), float(d))
+            for (w, h), d in zip(osr.level_dimensions, osr.level_downsamples)
+        ]
+        self.properties = {str(k): str(v) for k, v in osr.properties.items()}
+        self.vendor = self.properties.get("openslide.vendor", "unknown")
+        self.associated_names = list(osr.associated_images.keys())
+
+    def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        rgba = self._osr.read_region((x, y), level, (w, h))
+        return _rgb(rgba)
+
+    def associated(self, name: str) -> Image.Image:
+        return self._osr.associated_images[name]
+
+    def close(self) -> None:
+        self._osr.close()
+
+
+class _PlainImageBackend:
+    """A Pillow-decoded image kept as a pyramid of halvings down to ~256 px."""
+
+    vendor = "plain-image"
+    associated_names: tuple[str, ...] = ()
+
+    def __init__(self, path: Path, img: Image.Image) -> None:
+        self.properties = {"maglens.format": img.format or "unknown"}
+        mpp = _pil_mpp(img)
+        if mpp is not None:
+            self.properties["openslide.mpp-x"] = repr(mpp[0])
+            self.properties["openslide.mpp-y"] = repr(mpp[1])
+        base = _rgb(img)
+        self._arrays = [base]
+        self.levels = [Level(base.shape[1], base.shape[0], 1.0)]
+        current = Image.fromarray(base)
+        while max(current.size) > 256:
+            w, h = max(1, current.width // 2), max(1, current.height // 2)
+            current = current.resize((w, h), Image.BOX)
+            arr = np.asarray(current)
+            self._arrays.append(arr)
+            self.levels.append(Level(w, h, base.shape[1] / w))
+
+    def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        arr = self._arrays[level]
+        ds = self.levels[level].downsample
+        lx, ly = int(math.floor(x / ds)), int(math.floor(y / ds))
+        out = np.full((h, w, 3), BACKGROUND, np.uint8)
+        sx0, sy0 = max(lx, 0), max(ly, 0)
+        sx1, sy1 = min(lx + w, arr.shape[1]), min(ly + h, arr.shape[0])
+        if sx1 > sx0 and sy1 > sy0:
+            out[sy0 - ly : sy1 - ly, sx0 - lx : sx1 - lx] = arr[sy0:sy1, sx0:sx1]
+        return out
+
+    def associated(self, name: str) -> Image.Image:  # pragma: no cover - no names exist
+        raise KeyError(name)
+
+    def close(self) -> None:
+        self._arrays = []
+
+
+def _open_backend(path: Path):
+    if not path.exists():
+        raise SlideError(f"{path}: no such file")
+    if path.is_dir():
+        raise SlideError(f"{path}: is a folder, not a slide file")
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise SlideError(f"{path}: cannot be read ({exc.strerror})") from None
+    if size == 0:
+        raise SlideError(f"{path.name}: the file is empty")
+    if not os.access(path, os.R_OK):
+        raise SlideError(f"{path.name}: permission denied")
+
+    import openslide  # local: keeps `import engines.slide` light until a slide is opened
+
+    try:
+        fmt = openslide.OpenSlide.detect_format(str(path))
+    except Exception:  # noqa: BLE001 - detection itself failing means "not recognised"
+        fmt = None
+    if fmt is not None:
+        try:
+            osr = openslide.OpenSlide(str(path))
+            backend = _OpenSlideBackend(path, osr)
+        except openslide.OpenSlideError as exc:
+            raise SlideError(f"{path.name}: not a readable {fmt} slide ({_clean(exc)})") from None
+        except Exception as exc:  # noqa: BLE001 - any failure here is a bad file for the user
+            raise SlideError(f"{path.name}: cannot be opened as a {fmt} slide ({_clean(exc)})") from None
+        # A truncated file can open here and fail later per tile: readers get SlideError.
+        return backend
+    return _open_plain(path)
+
+
+def _open_plain(path: Path) -> _PlainImageBackend:
+    if path.suffix.lower() not in PLAIN_IMAGE_SUFFIXES:
+        raise SlideError(
+            f"{path.name}: not a slide format MagLens can read "
+            "(OpenSlide formats, or PNG/JPEG/TIFF images)"
+        )
+    try:
+        with Image.open(path) as img:
+            if img.width * img.height > MAX_PLAIN_PIXELS:
+                raise SlideError(
+                    f"{path.name}: {img.width}x{img.height} is too large for a plain image; "
+                    "convert it to a pyramidal TIFF"
+                )
+            img.load()
+            return _PlainImageBackend(path, img)
+    except SlideError:
+        raise
+    except Image.DecompressionBombError:
+        raise SlideError(f"{path.name}: image is too large to decode as a plain image") from None
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types for bad files
+        raise SlideError(f"{path.name}: cannot be read as an image ({_clean(exc)})") from None
+
+
+def _guarded(path: Path, fn):
+    try:
+        return fn()
+    except SlideError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - OpenSlide/Pillow errors become SlideError
+        raise SlideError(f"{path.name}: pixel data cannot be read ({_clean(exc)})") from None
+
+
+def _rgb(img: Image.Image) -> np.ndarray:
+    """Any PIL image to HxWx3 uint8, compositing transparency onto the background."""
+    if img.mode == "RGBA":
+        bg = Image.new("RGB", img.size, BACKGROUND)
+        bg.paste(img, mask=img.getchannel("A"))
+        return np.asarray(bg)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float32)
+        hi = float(arr.max()) or 1.0
+        arr = np.clip(arr / hi * 255.0, 0, 255).astype(np.uint8)
+        return np.repeat(arr[:, :, None], 3, axis=2)
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return np.asarray(img)
+
+
+def _clean(exc: Exception) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:200]
+
+
+def _float(props: dict[str, str], key: str) -> float | None:
+    try:
+        v = float(props[key])
+    except (KeyError, ValueError):
+        return None
+    return v if math.isfinite(v) and v > 0 else None
+
+
+def _mpp_from_properties(props: dict[str, str]) -> tuple[float, float] | None:
+    mx, my = _float(props, "openslide.mpp-x"), _float(props, "openslide.mpp-y")
+    if mx is None or my is None:
+        return None
+    return mx, my
+
+
+def _objective_from_properties(props: dict[str, str]) -> float | None:
+    return _float(props, "openslide.objective-power")
+
+
+def _pil_mpp(img: Image.Image) -> tuple[float, float] | None:
+    """Microns per pixel from TIFF resolution tags, when they carry a real unit."""
+    try:
+        tags = getattr(img, "tag_v2", None)
+        if not tags:
+            return None
+        unit = tags.get(296, 2)  # ResolutionUnit: 2 inch, 3 cm
+        xr, yr = tags.get(282), tags.get(283)
+        if not xr or not yr or unit not in (2, 3):
+            return None
+        per = 25400.0 if unit == 2 else 10000.0
+        mx, my = per / float(xr), per / float(yr)
+        # Screen-resolution defaults (72/96 dpi) are not microscope calibrations.
+        if mx > 50 or my > 50:
+            return None
+        return mx, my
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def iter_tiles(width: int, height: int, tile: int) -> Iterator[tuple[int, int, int, int]]:
+    """(x, y, w, h) tiles covering a width x height plane, edge tiles clipped."""
+    for ty in range(0, height, tile):
+        for tx in range(0, width, tile):
+            yield tx, ty, min(tile, width - tx), min(tile, height - ty)
+
