@@ -264,8 +264,8 @@ def _open_backend(path: Path):
 def _open_plain(path: Path) -> _PlainImageBackend:
     if path.suffix.lower() not in PLAIN_IMAGE_SUFFIXES:
         raise SlideError(
-            f"{path.name}: not a slide format MagLens can read "
-            "(OpenSlide formats, or PNG/JPEG/TIFF images)"
+            f"{path.name}: not a slide MagLens can read (damaged, truncated, or not a format "
+            "OpenSlide supports; plain PNG/JPEG/TIFF images open too)"
         )
     try:
         with Image.open(path) as img:
