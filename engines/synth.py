@@ -23,6 +23,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageFilter
 
+from engines.data import stratified_split
+
 TEXTURE_ROOT = Path(__file__).resolve().parents[1] / "resources" / "textures"
 TISSUE_CLASSES = ["02_STROMA", "03_COMPLEX", "04_LYMPHO", "05_DEBRIS", "06_MUCOSA", "07_ADIPOSE"]
 NEEDLE_CLASS = "01_TUMOR"
@@ -211,22 +213,6 @@ def write_pyramid_tiff(path: Path, img: np.ndarray, mpp: float, quality: int = 9
     tmp.replace(path)
 
 
-def assign_splits(labels: list[str], fractions: tuple[float, float, float], rng: np.random.Generator) -> list[str]:
-    """Stratified seeded split: each label spread over train/val/test by ``fractions``."""
-    splits = [""] * len(labels)
-    for lab in sorted(set(labels)):
-        idx = [i for i, v in enumerate(labels) if v == lab]
-        rng.shuffle(idx)
-        n = len(idx)
-        n_val = int(round(n * fractions[1]))
-        n_test = int(round(n * fractions[2]))
-        if n >= 3:
-            n_val, n_test = max(n_val, 1), max(n_test, 1)
-        for j, i in enumerate(idx):
-            splits[i] = "val" if j < n_val else "test" if j < n_val + n_test else "train"
-    return splits
-
-
 def generate(out: str | Path, slides: int = 20, seed: int = 0, cfg: SynthConfig | None = None,
              on_progress: Callable[[int, int, str], None] | None = None) -> list[SynthSlide]:
     """Write ``slides`` synthetic slides, masks, ``manifest.csv`` and ``needles.json`` to ``out``."""
@@ -240,7 +226,7 @@ def generate(out: str | Path, slides: int = 20, seed: int = 0, cfg: SynthConfig 
     n_pos = max(1, min(slides - 1, int(round(slides * cfg.positive_fraction))))
     labels = ["tumor"] * n_pos + ["normal"] * (slides - n_pos)
     rng.shuffle(labels)
-    splits = assign_splits(labels, cfg.split, rng)
+    splits = stratified_split(labels, cfg.split, rng)
     made: list[SynthSlide] = []
     for i, (label, split) in enumerate(zip(labels, splits)):
         name = f"synth_{i:03d}.tiff"

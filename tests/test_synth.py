@@ -10,7 +10,8 @@ from PIL import Image
 
 from engines.sampling import tissue_mask
 from engines.slide import Slide
-from engines.synth import SynthConfig, assign_splits, generate
+from engines.data import stratified_split
+from engines.synth import SynthConfig, generate
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +73,7 @@ def test_same_seed_same_data(tmp_path, synth_dir):
 def test_split_is_stratified():
     rng = np.random.default_rng(0)
     labels = ["tumor"] * 10 + ["normal"] * 10
-    splits = assign_splits(labels, (0.6, 0.2, 0.2), rng)
+    splits = stratified_split(labels, (0.6, 0.2, 0.2), rng)
     for lab in ("tumor", "normal"):
         mine = [s for s, l in zip(splits, labels) if l == lab]
         assert mine.count("train") == 6 and mine.count("val") == 2 and mine.count("test") == 2
