@@ -1,0 +1,406 @@
+"""MagLens main window: the slide canvas, its docks, menus and status bar, and ``launch``."""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from PySide6.QtCore import QMimeData, QSettings, Qt, QTimer, Signal
+from PySide6.QtGui import QAction, QCloseEvent, QDragEnterEvent, QDropEvent, QKeySequence
+from PySide6.QtWidgets import (
+    QApplication,
+    QDockWidget,
+    QFileDialog,
+    QLabel,
+    QMainWindow,
+    QMessageBox,
+    QWidget,
+)
+
+from app.docks import AssociatedImagesPanel, Background, LayersPanel, PropertiesPanel
+from app.settings import APPLICATION, ORGANIZATION, AppSettings
+from engines.slide import Slide, SlideError
+from viewer.canvas import SlideCanvas
+from viewer.minimap import Minimap
+
+RESOURCES = Path(__file__).resolve().parents[1] / "resources"
+DEMO_SLIDE = RESOURCES / "CMU-1-Small-Region.svs"
+MAGNIFICATIONS = (1, 5, 10, 20, 40)
+SLIDE_PATTERNS = (
+    "*.svs *.tif *.tiff *.ndpi *.vms *.vmu *.scn *.mrxs *.svslide *.bif *.dcm *.qptiff "
+    "*.png *.jpg *.jpeg *.bmp"
+)
+SLIDE_FILTER = f"Slides ({SLIDE_PATTERNS});;All files (*)"
+TILE_ERROR_MS = 10_000
+
+
+class MainWindow(QMainWindow):
+    """The viewer window. Slides open in a worker; errors show a dialog and keep the old slide."""
+
+    slide_opened = Signal(str)  # path of the slide now shown
+    open_failed = Signal(str)  # message shown to the user
+    view_exported = Signal(str)  # path of the PNG written
+
+    def __init__(
+        self,
+        settings: QSettings | None = None,
+        model: str | None = None,
+        checkpoint: str | None = None,
+        parent: QWidget | None = None,
+    ) -> None:
+        super().__init__(parent)
+        # Kept for the Models dock, which runs them on the open slide.
+        self.model_name = model
+        self.checkpoint = checkpoint
+        self.settings = AppSettings(settings)
+        self.last_error: str | None = None
+        self._open_token = 0
+        self._opening: str | None = None
+        self._jobs = Background(self, threads=2)
+
+        self.setWindowTitle(APPLICATION)
+        self.setAcceptDrops(True)
+        self.setDockOptions(
+            QMainWindow.DockOption.AnimatedDocks | QMainWindow.DockOption.AllowTabbedDocks
+        )
+        self.canvas = SlideCanvas(self)
+        self.canvas.setFocusPolicy(Qt.FocusPolicy.StrongFocus)
+        self.setCentralWidget(self.canvas)
+        self._build_docks()
+        self._build_status_bar()
+        self._build_menus()
+        self._connect_canvas()
+        self._restore_layout()
+        self._update_actions()
+
+    # -- building ------------------------------------------------------------------------
+    def _build_docks(self) -> None:
+        self.minimap = Minimap(self.canvas)
+        self.properties_panel = PropertiesPanel()
+        self.associated_panel = AssociatedImagesPanel(self._jobs)
+        self.layers_panel = LayersPanel(self.canvas)
+
+        self.minimap_dock = self._dock("Minimap", "minimap_dock", self.minimap)
+        self.properties_dock = self._dock("Properties", "properties_dock", self.properties_panel)
+        self.associated_dock = self._dock("Associated images", "associated_dock", self.associated_panel)
+        self.layers_dock = self._dock("Layers", "layers_dock", self.layers_panel)
+
+        right = Qt.DockWidgetArea.RightDockWidgetArea
+        left = Qt.DockWidgetArea.LeftDockWidgetArea
+        self.addDockWidget(left, self.properties_dock)
+        self.addDockWidget(left, self.layers_dock)
+        self.tabifyDockWidget(self.properties_dock, self.layers_dock)
+        self.properties_dock.raise_()
+        self.addDockWidget(right, self.minimap_dock)
+        self.addDockWidget(right, self.associated_dock)
+        self.resizeDocks([self.properties_dock], [340], Qt.Orientation.Horizontal)
+        self.resizeDocks([self.minimap_dock], [280], Qt.Orientation.Horizontal)
+        self.resizeDocks([self.minimap_dock, self.associated_dock], [260, 640],
+                         Qt.Orientation.Vertical)
+
+    def _dock(self, title: str, name: str, widget: QWidget) -> QDockWidget:
+        dock = QDockWidget(title, self)
+        dock.setObjectName(name)  # saveState/restoreState find docks by name
+        dock.setWidget(widget)
+        return dock
+
+    def _build_status_bar(self) -> None:
+        bar = self.statusBar()
+        self.magnification_label = QLabel("—")
+        self.magnification_label.setToolTip("Magnification on screen")
+        self.position_label = QLabel("")
+        self.position_label.setToolTip("Cursor position in level-0 pixels and microns")
+        bar.addPermanentWidget(self.position_label)
+        bar.addPermanentWidget(self.magnification_label)
+
+    def _build_menus(self) -> None:
+        file_menu = self.menuBar().addMenu("&File")
+        self.open_action = self._action("&Open…", self.open_dialog, QKeySequence.StandardKey.Open)
+        file_menu.addAction(self.open_action)
+        self.recent_menu = file_menu.addMenu("Open &Recent")
+        self.recent_menu.aboutToShow.connect(self._rebuild_recent_menu)
+        self._rebuild_recent_menu()
+        file_menu.addSeparator()
+        self.export_action = self._action("&Export View as PNG…", self.export_dialog, "Ctrl+E")
+        file_menu.addAction(self.export_action)
+        file_menu.addSeparator()
+        file_menu.addAction(self._action("&Quit", self.close, QKeySequence.StandardKey.Quit))
+
+        view_menu = self.menuBar().addMenu("&View")
+        self.fit_action = self._action("&Fit Slide", lambda: self.canvas.fit_view(), "F")
+        self.zoom_in_action = self._action("Zoom &In", lambda: self.canvas.zoom_by(2.0), "+")
+        self.zoom_in_action.setShortcuts([QKeySequence("+"), QKeySequence("="), QKeySequence.StandardKey.ZoomIn])
+        self.zoom_out_action = self._action("Zoom &Out", lambda: self.canvas.zoom_by(0.5), "-")
+        self.zoom_out_action.setShortcuts([QKeySequence("-"), QKeySequence.StandardKey.ZoomOut])
+        for action in (self.fit_action, self.zoom_in_action, self.zoom_out_action):
+            view_menu.addAction(action)
+        view_menu.addSeparator()
+        self.magnification_actions: list[QAction] = []
+        for key, mag in enumerate(MAGNIFICATIONS, start=1):
+            action = self._action(f"{mag}x", lambda m=mag: self.canvas.set_magnification(float(m)), str(key))
+            self.magnification_actions.append(action)
+            view_menu.addAction(action)
+        view_menu.addSeparator()
+        self.view_menu = view_menu
+        for dock in (self.minimap_dock, self.properties_dock, self.associated_dock, self.layers_dock):
+            view_menu.addAction(dock.toggleViewAction())
+
+    def _action(self, text: str, slot, shortcut=None) -> QAction:
+        action = QAction(text, self)
+        if shortcut is not None:
+            action.setShortcut(QKeySequence(shortcut))
+        action.triggered.connect(lambda _checked=False: slot())
+        self.addAction(action)  # shortcuts work even while the menu bar is hidden
+        return action
+
+    def _connect_canvas(self) -> None:
+        self.canvas.view_changed.connect(self._on_view_changed)
+        self.canvas.cursor_moved.connect(self._on_cursor_moved)
+        self.canvas.tile_failed.connect(self._on_tile_failed)
+
+    # -- opening slides ------------------------------------------------------------------
+    @property
+    def slide(self) -> Slide | None:
+        return self.canvas.slide
+
+    @property
+    def is_opening(self) -> bool:
+        return self._opening is not None
+
+    def wait_for_workers(self, msecs: int = 10_000) -> bool:
+        """Block until background jobs (opens, image decodes) finish; their results still
+        arrive through the event loop. For scripts and tests."""
+        return self._jobs.wait(msecs)
+
+    def open_dialog(self) -> None:
+        start = str(self.slide.path.parent) if self.slide is not None else str(Path.home())
+        path, _ = QFileDialog.getOpenFileName(self, "Open slide", start, SLIDE_FILTER)
+        if path:
+            self.open_slide(path)
+
+    def open_slide(self, path: str | os.PathLike) -> None:
+        """Open ``path`` in a worker; ``slide_opened`` or ``open_failed`` follows.
+
+        The last request wins: a slide that finishes opening after a newer request is dropped.
+        """
+        self._open_token += 1
+        token = self._open_token
+        text = str(path)
+        self._opening = text
+        self.statusBar().showMessage(f"Opening {Path(text).name}…")
+        self._jobs.submit(
+            lambda: Slide(text),
+            lambda slide: self._on_slide_ready(token, text, slide),
+            lambda exc: self._on_slide_failed(token, text, exc),
+        )
+
+    def _on_slide_ready(self, token: int, path: str, slide: Slide) -> None:
+        if token != self._open_token:
+            slide.close()  # superseded by a newer request; nothing else holds it
+            return
+        self._opening = None
+        self.statusBar().clearMessage()
+        # The previous slide is not closed here: tile workers may still be reading it, and
+        # it is released once the last of them lets go of it.
+        self.canvas.set_slide(slide)  # shows it fitted
+        self.properties_panel.set_slide(slide)
+        self.associated_panel.set_slide(slide)
+        self.setWindowTitle(f"{slide.path.name} — {APPLICATION}")
+        self.setWindowFilePath(str(slide.path))
+        self.last_error = None
+        self.settings.add_recent(slide.path)
+        self._rebuild_recent_menu()
+        self._update_actions()
+        self._on_view_changed(None)
+        self.slide_opened.emit(str(slide.path))
+
+    def _on_slide_failed(self, token: int, path: str, exc: BaseException) -> None:
+        if token != self._open_token:
+            return
+        self._opening = None
+        self.statusBar().clearMessage()
+        if isinstance(exc, SlideError):
+            message = str(exc)
+        else:
+            message = f"{Path(path).name}: cannot be opened ({type(exc).__name__}: {exc})"
+        self.show_error("Cannot open slide", message)
+        self.open_failed.emit(message)
+
+    def show_error(self, title: str, message: str) -> None:
+        self.last_error = message
+        QMessageBox.critical(self, title, message)
+
+    # -- recent files --------------------------------------------------------------------
+    def _rebuild_recent_menu(self) -> None:
+        menu = self.recent_menu
+        menu.clear()
+        files = self.settings.recent_files()
+        if not files:
+            empty = menu.addAction("No recent slides")
+            empty.setEnabled(False)
+            return
+        for i, path in enumerate(files, start=1):
+            label = f"&{i % 10}  {Path(path).name}" if i <= 10 else Path(path).name
+            action = menu.addAction(label)
+            action.setToolTip(path)
+            action.setStatusTip(path)
+            action.triggered.connect(lambda _checked=False, p=path: self.open_slide(p))
+        menu.addSeparator()
+        clear = menu.addAction("Clear Recent")
+        clear.triggered.connect(self._clear_recent)
+
+    def _clear_recent(self) -> None:
+        self.settings.clear_recent()
+        self._rebuild_recent_menu()
+
+    # -- drag and drop -------------------------------------------------------------------
+    def dragEnterEvent(self, event: QDragEnterEvent) -> None:  # noqa: N802 - Qt override
+        if _first_local_file(event.mimeData()) is not None:
+            event.acceptProposedAction()
+        else:
+            event.ignore()
+
+    def dragMoveEvent(self, event) -> None:  # noqa: N802 - Qt override
+        if _first_local_file(event.mimeData()) is not None:
+            event.acceptProposedAction()
+        else:
+            event.ignore()
+
+    def dropEvent(self, event: QDropEvent) -> None:  # noqa: N802 - Qt override
+        if self.open_mime(event.mimeData()):
+            event.acceptProposedAction()
+        else:
+            event.ignore()
+
+    def open_mime(self, mime: QMimeData) -> bool:
+        """Open the first local file in dropped data; False when there is none."""
+        path = _first_local_file(mime)
+        if path is None:
+            return False
+        self.open_slide(path)
+        return True
+
+    # -- export --------------------------------------------------------------------------
+    def export_dialog(self) -> None:
+        if self.slide is None:
+            self.show_error("Nothing to export", "Open a slide first.")
+            return
+        start = str(self.slide.path.with_name(self.slide.path.stem + "-view.png"))
+        path, _ = QFileDialog.getSaveFileName(self, "Export view as PNG", start, "PNG image (*.png)")
+        if path:
+            self.export_view(path)
+
+    def export_view(self, path: str | os.PathLike, width: int | None = None,
+                    height: int | None = None) -> bool:
+        """Render the current view (with visible overlays) to a PNG, atomically."""
+        if self.slide is None:
+            self.show_error("Nothing to export", "Open a slide first.")
+            return False
+        target = Path(path)
+        if target.suffix.lower() != ".png":
+            target = target.with_name(target.name + ".png")
+        w = int(width or self.canvas.width())
+        h = int(height or self.canvas.height())
+        try:
+            image = self.canvas.render_image(w, h)
+            _save_png_atomic(image, target)
+        except Exception as exc:  # noqa: BLE001 - any failure is reported, never a crash
+            self.show_error("Export failed", f"{target}: {exc}")
+            return False
+        self.statusBar().showMessage(f"Exported {target.name} ({w} × {h})", 5000)
+        self.view_exported.emit(str(target))
+        return True
+
+    # -- status bar ----------------------------------------------------------------------
+    def _on_view_changed(self, _rect) -> None:
+        if self.slide is None:
+            self.magnification_label.setText("—")
+            return
+        mag = self.canvas.current_magnification()
+        if mag is not None:
+            self.magnification_label.setText(f"{mag:.1f}x")
+        else:
+            self.magnification_label.setText(f"{self.canvas.camera.scale * 100:.0f}%")
+
+    def _on_cursor_moved(self, x: float, y: float) -> None:
+        self.position_label.setText(format_position(x, y, self.slide.mpp if self.slide else None))
+
+    def _on_tile_failed(self, message: str) -> None:
+        self.statusBar().showMessage(f"Tile error: {message}", TILE_ERROR_MS)
+
+    def _update_actions(self) -> None:
+        has_slide = self.slide is not None
+        for action in [self.export_action, self.fit_action, self.zoom_in_action,
+                       self.zoom_out_action, *self.magnification_actions]:
+            action.setEnabled(has_slide)
+
+    # -- layout persistence --------------------------------------------------------------
+    def _restore_layout(self) -> None:
+        geometry, state = self.settings.window_layout()
+        if geometry is None or not self.restoreGeometry(geometry):
+            self.resize(1400, 900)
+        if state is not None:
+            self.restoreState(state)
+
+    def save_layout(self) -> None:
+        self.settings.save_window_layout(self.saveGeometry(), self.saveState())
+
+    def closeEvent(self, event: QCloseEvent) -> None:  # noqa: N802 - Qt override
+        self.save_layout()
+        self._jobs.clear()
+        self._jobs.wait(3000)
+        shutdown = getattr(self.canvas, "shutdown", None)
+        if callable(shutdown):
+            shutdown()  # stop tile workers before the widgets go away
+        super().closeEvent(event)
+
+
+def format_position(x: float, y: float, mpp: float | None) -> str:
+    """Cursor text for the status bar: level-0 pixels, and microns when the scale is known."""
+    text = f"x {x:,.0f}  y {y:,.0f} px"
+    if mpp:
+        text += f"   ({x * mpp:,.1f}, {y * mpp:,.1f} µm)"
+    return text
+
+
+def _first_local_file(mime: QMimeData | None) -> str | None:
+    if mime is None or not mime.hasUrls():
+        return None
+    for url in mime.urls():
+        if url.isLocalFile() and url.toLocalFile():
+            return url.toLocalFile()
+    return None
+
+
+def _save_png_atomic(image, target: Path) -> None:
+    if image is None or image.isNull():
+        raise RuntimeError("the view could not be rendered")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".png", dir=target.parent)
+    os.close(fd)
+    try:
+        if not image.save(tmp, "PNG"):
+            raise OSError("the PNG could not be written")
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def launch(slide_path: str | None = None, model: str | None = None,
+           checkpoint: str | None = None) -> int:
+    """Run the viewer on ``slide_path`` (the bundled demo slide when None); the exit code."""
+    app = QApplication.instance()
+    if app is None:
+        app = QApplication(sys.argv[:1])
+    app.setOrganizationName(ORGANIZATION)
+    app.setApplicationName(APPLICATION)
+    window = MainWindow(model=model, checkpoint=checkpoint)
+    window.show()
+    # Open once the event loop runs, so the window appears before the first decode.
+    QTimer.singleShot(0, lambda: window.open_slide(slide_path or DEMO_SLIDE))
+    return app.exec()

@@ -1,0 +1,75 @@
+"""Persistent viewer settings: recent files and the window layout (QSettings)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from PySide6.QtCore import QByteArray, QSettings
+
+ORGANIZATION = "MagLens"
+APPLICATION = "MagLens"
+MAX_RECENT = 10
+
+_RECENT_KEY = "recent/files"
+_GEOMETRY_KEY = "window/geometry"
+_STATE_KEY = "window/state"
+
+
+def default_settings() -> QSettings:
+    return QSettings(ORGANIZATION, APPLICATION)
+
+
+class AppSettings:
+    """Typed access to the few values MagLens remembers between runs."""
+
+    def __init__(self, qsettings: QSettings | None = None) -> None:
+        self.qsettings = qsettings if qsettings is not None else default_settings()
+
+    # -- recent files --------------------------------------------------------------------
+    def recent_files(self) -> list[str]:
+        """Most recent first; files that no longer exist are pruned (and forgotten)."""
+        stored = _as_str_list(self.qsettings.value(_RECENT_KEY, []))
+        alive = [p for p in stored if os.path.isfile(p)][:MAX_RECENT]
+        if alive != stored:
+            self._store_recent(alive)
+        return alive
+
+    def add_recent(self, path: str | os.PathLike) -> list[str]:
+        full = str(Path(path).resolve())
+        files = [full] + [p for p in self.recent_files() if p != full]
+        files = files[:MAX_RECENT]
+        self._store_recent(files)
+        return files
+
+    def clear_recent(self) -> None:
+        self._store_recent([])
+
+    def _store_recent(self, files: list[str]) -> None:
+        self.qsettings.setValue(_RECENT_KEY, list(files))
+        self.qsettings.sync()
+
+    # -- window layout -------------------------------------------------------------------
+    def window_layout(self) -> tuple[QByteArray | None, QByteArray | None]:
+        geometry = self.qsettings.value(_GEOMETRY_KEY)
+        state = self.qsettings.value(_STATE_KEY)
+        return (
+            geometry if isinstance(geometry, QByteArray) else None,
+            state if isinstance(state, QByteArray) else None,
+        )
+
+    def save_window_layout(self, geometry: QByteArray, state: QByteArray) -> None:
+        self.qsettings.setValue(_GEOMETRY_KEY, geometry)
+        self.qsettings.setValue(_STATE_KEY, state)
+        self.qsettings.sync()
+
+
+def _as_str_list(value) -> list[str]:
+    # QSettings returns a bare str for a one-element list in INI files, None when unset.
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value] if value else []
+    try:
+        return [str(v) for v in value if v]
+    except TypeError:
+        return []
