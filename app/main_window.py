@@ -15,12 +15,17 @@ from PySide6.QtWidgets import (
     QLabel,
     QMainWindow,
     QMessageBox,
+    QScrollArea,
     QWidget,
 )
 
 from app.docks import AssociatedImagesPanel, Background, LayersPanel, PropertiesPanel
+from app.inference import InferenceController
+from app.models_dock import ModelsPanel
+from app.trail_dock import TrailPlot
 from app.settings import APPLICATION, ORGANIZATION, AppSettings
 from engines.slide import Slide, SlideError
+from engines.trace import TraceError
 from viewer.canvas import SlideCanvas
 from viewer.minimap import Minimap
 
@@ -73,6 +78,10 @@ class MainWindow(QMainWindow):
         self._connect_canvas()
         self._restore_layout()
         self._update_actions()
+        if model:
+            self.models_panel.set_model(model)
+        if checkpoint:
+            self.models_panel.set_checkpoint(checkpoint)
 
     # -- building ------------------------------------------------------------------------
     def _build_docks(self) -> None:
@@ -80,11 +89,20 @@ class MainWindow(QMainWindow):
         self.properties_panel = PropertiesPanel()
         self.associated_panel = AssociatedImagesPanel(self._jobs)
         self.layers_panel = LayersPanel(self.canvas)
+        self.models_panel = ModelsPanel(self.settings.qsettings)
+        self.trail_plot = TrailPlot()
+        self.inference = InferenceController(self, self.canvas, self.models_panel, self.trail_plot)
+        self.inference.status.connect(lambda text: self.statusBar().showMessage(text, 8000))
 
         self.minimap_dock = self._dock("Minimap", "minimap_dock", self.minimap)
         self.properties_dock = self._dock("Properties", "properties_dock", self.properties_panel)
         self.associated_dock = self._dock("Associated images", "associated_dock", self.associated_panel)
         self.layers_dock = self._dock("Layers", "layers_dock", self.layers_panel)
+        models_scroll = QScrollArea()
+        models_scroll.setWidgetResizable(True)
+        models_scroll.setWidget(self.models_panel)
+        self.models_dock = self._dock("Models", "models_dock", models_scroll)
+        self.trail_dock = self._dock("Probability trail", "trail_dock", self.trail_plot)
 
         right = Qt.DockWidgetArea.RightDockWidgetArea
         left = Qt.DockWidgetArea.LeftDockWidgetArea
@@ -93,7 +111,12 @@ class MainWindow(QMainWindow):
         self.tabifyDockWidget(self.properties_dock, self.layers_dock)
         self.properties_dock.raise_()
         self.addDockWidget(right, self.minimap_dock)
+        self.addDockWidget(right, self.models_dock)
         self.addDockWidget(right, self.associated_dock)
+        self.tabifyDockWidget(self.associated_dock, self.models_dock)
+        self.models_dock.raise_()
+        self.addDockWidget(Qt.DockWidgetArea.BottomDockWidgetArea, self.trail_dock)
+        self.trail_dock.hide()  # shown when a trace has a trail
         self.resizeDocks([self.properties_dock], [340], Qt.Orientation.Horizontal)
         self.resizeDocks([self.minimap_dock], [280], Qt.Orientation.Horizontal)
         self.resizeDocks([self.minimap_dock, self.associated_dock], [260, 640],
@@ -125,6 +148,13 @@ class MainWindow(QMainWindow):
         self.export_action = self._action("&Export View as PNG…", self.export_dialog, "Ctrl+E")
         file_menu.addAction(self.export_action)
         file_menu.addSeparator()
+        self.open_trace_action = self._action("Open &Trace…", self.open_trace_dialog)
+        self.save_trace_action = self._action("&Save Trace…", self.save_trace_dialog, QKeySequence.StandardKey.Save)
+        self.geojson_action = self._action("Export Trace as &GeoJSON…", self.geojson_dialog)
+        self.figure_action = self._action("Export &Figure with Legend…", self.figure_dialog)
+        for action in (self.open_trace_action, self.save_trace_action, self.geojson_action, self.figure_action):
+            file_menu.addAction(action)
+        file_menu.addSeparator()
         file_menu.addAction(self._action("&Quit", self.close, QKeySequence.StandardKey.Quit))
 
         view_menu = self.menuBar().addMenu("&View")
@@ -143,8 +173,17 @@ class MainWindow(QMainWindow):
             view_menu.addAction(action)
         view_menu.addSeparator()
         self.view_menu = view_menu
-        for dock in (self.minimap_dock, self.properties_dock, self.associated_dock, self.layers_dock):
+        for dock in (self.minimap_dock, self.properties_dock, self.associated_dock, self.layers_dock,
+                     self.models_dock, self.trail_dock):
             view_menu.addAction(dock.toggleViewAction())
+
+        model_menu = self.menuBar().addMenu("&Model")
+        self.run_action = self._action("&Run", lambda: self.models_panel.run_button.click(), "Ctrl+R")
+        self.cancel_action = self._action("&Cancel Run", self.inference.cancel, "Esc")
+        self.step_back_action = self._action("Step &Back", lambda: self.inference.step(-1), "[")
+        self.step_next_action = self._action("Step &Forward", lambda: self.inference.step(1), "]")
+        for action in (self.run_action, self.cancel_action, self.step_back_action, self.step_next_action):
+            model_menu.addAction(action)
 
     def _action(self, text: str, slot, shortcut=None) -> QAction:
         action = QAction(text, self)
@@ -158,6 +197,7 @@ class MainWindow(QMainWindow):
         self.canvas.view_changed.connect(self._on_view_changed)
         self.canvas.cursor_moved.connect(self._on_cursor_moved)
         self.canvas.tile_failed.connect(self._on_tile_failed)
+        self.inference.trace_changed.connect(self._on_trace_changed)
 
     # -- opening slides ------------------------------------------------------------------
     @property
@@ -204,6 +244,7 @@ class MainWindow(QMainWindow):
         # The previous slide is not closed here: tile workers may still be reading it, and
         # it is released once the last of them lets go of it.
         self.canvas.set_slide(slide)  # shows it fitted
+        self.inference.slide_changed()
         self.properties_panel.set_slide(slide)
         self.associated_panel.set_slide(slide)
         self.setWindowTitle(f"{slide.path.name} — {APPLICATION}")
@@ -312,6 +353,66 @@ class MainWindow(QMainWindow):
         self.view_exported.emit(str(target))
         return True
 
+    # -- traces --------------------------------------------------------------------------
+    def _on_trace_changed(self, layers) -> None:
+        if layers is not None and (layers.trace.trail or layers.trace.model == "magnet"):
+            self.trail_dock.show()
+
+    def _trace_path_dialog(self, title: str, suffix: str, filt: str, save: bool) -> str | None:
+        start = ""
+        if self.slide is not None:
+            model = self.models_panel.model_combo.currentText()
+            start = str(self.slide.path.with_name(f"{self.slide.path.stem}-{model}{suffix}"))
+        if save:
+            path, _ = QFileDialog.getSaveFileName(self, title, start, filt)
+        else:
+            path, _ = QFileDialog.getOpenFileName(self, title, str(Path(start).parent) if start else "", filt)
+        return path or None
+
+    def open_trace_dialog(self) -> None:
+        path = self._trace_path_dialog("Open trace", ".trace.json", "Traces (*.json);;All files (*)", False)
+        if path:
+            self.open_trace(path)
+
+    def open_trace(self, path: str | os.PathLike) -> bool:
+        try:
+            self.inference.open_trace(path)
+        except TraceError as exc:
+            self.show_error("Cannot open trace", str(exc))
+            return False
+        return True
+
+    def save_trace_dialog(self) -> None:
+        path = self._trace_path_dialog("Save trace", ".trace.json", "Traces (*.json)", True)
+        if path:
+            self._guarded("Cannot save trace", lambda: self.inference.save_trace(path))
+
+    def geojson_dialog(self) -> None:
+        path = self._trace_path_dialog("Export GeoJSON", ".geojson", "GeoJSON (*.geojson *.json)", True)
+        if path:
+            self._guarded("Cannot export GeoJSON", lambda: self.inference.export_geojson(path))
+
+    def figure_dialog(self) -> None:
+        path = self._trace_path_dialog("Export figure", "-figure.png", "PNG image (*.png)", True)
+        if path:
+            self.export_figure(path)
+
+    def export_figure(self, path: str | os.PathLike, width: int | None = None, height: int | None = None) -> bool:
+        """The view with overlays and a legend, as a PNG (atomic)."""
+        if self.slide is None:
+            self.show_error("Nothing to export", "Open a slide first.")
+            return False
+        w, h = int(width or self.canvas.width()), int(height or self.canvas.height())
+        return self._guarded("Export failed", lambda: _save_png_atomic(self.inference.figure(w, h), Path(path)))
+
+    def _guarded(self, title: str, fn) -> bool:
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - reported to the user, never a crash
+            self.show_error(title, str(exc))
+            return False
+        return True
+
     # -- status bar ----------------------------------------------------------------------
     def _on_view_changed(self, _rect) -> None:
         if self.slide is None:
@@ -348,6 +449,7 @@ class MainWindow(QMainWindow):
 
     def closeEvent(self, event: QCloseEvent) -> None:  # noqa: N802 - Qt override
         self.save_layout()
+        self.inference.shutdown()
         self._jobs.clear()
         self._jobs.wait(3000)
         shutdown = getattr(self.canvas, "shutdown", None)

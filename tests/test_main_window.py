@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PySide6.QtCore import QEvent, QMimeData, QPointF, QSettings, QStandardPaths, Qt, QUrl
+from PySide6.QtCore import QEvent, QMimeData, QPoint, QPointF, QSettings, QStandardPaths, Qt, QUrl
 from PySide6.QtGui import QDragEnterEvent, QDropEvent, QImage, QMouseEvent
 from PySide6.QtWidgets import QApplication, QFileDialog, QMessageBox
 
@@ -256,7 +256,7 @@ def _mime(*urls: QUrl) -> QMimeData:
 
 def test_dropping_a_file_opens_it(qtbot, window):
     mime = _mime(QUrl.fromLocalFile(str(TINY_SLIDE)))
-    enter = QDragEnterEvent(QPointF(50, 50), Qt.DropAction.CopyAction, mime,
+    enter = QDragEnterEvent(QPoint(50, 50), Qt.DropAction.CopyAction, mime,
                             Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier)
     window.dragEnterEvent(enter)
     assert enter.isAccepted()
@@ -270,7 +270,7 @@ def test_dropping_a_file_opens_it(qtbot, window):
 def test_dropping_something_that_is_not_a_file_is_refused(window):
     mime = _mime(QUrl("https://example.org/slide.svs"))
     mime.setText("slide.svs")
-    enter = QDragEnterEvent(QPointF(5, 5), Qt.DropAction.CopyAction, mime,
+    enter = QDragEnterEvent(QPoint(5, 5), Qt.DropAction.CopyAction, mime,
                             Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier)
     window.dragEnterEvent(enter)
     assert not enter.isAccepted()

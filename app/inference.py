@@ -1,0 +1,393 @@
+"""Running models from the GUI: the engine thread, live trace layers, traces kept per slide
+and model, the magnification path, the probability trail, and trace files.
+
+Only Qt signals cross between the engine thread and the GUI; every event carries its run id
+and events of a cancelled or superseded run are dropped.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+from PySide6.QtCore import QEvent, QObject, QPointF, Qt, QTimer, Signal
+from PySide6.QtGui import QMouseEvent
+
+from app.engine import EngineThread
+from app.models_dock import ModelsPanel, RunRequest
+from app.trail_dock import TrailPlot
+from engines.slide import Slide
+from engines.trace import Field, Progress, SlideRef, Trace, TraceError, TrailStep
+from viewer.figure import render_figure
+from viewer.overlays.rubberband import RubberBandOverlay
+from viewer.trace_layers import TraceLayers
+
+log = logging.getLogger(__name__)
+
+PLAY_INTERVAL_MS = 1400
+CLICK_SLOP_PX = 4
+
+
+def make_inference_job(request: RunRequest, slide: Slide, roi):
+    """The callable the engine thread runs for one Run press."""
+
+    def job(emit, cancel: threading.Event) -> Trace:
+        from engines import infer, registry
+        from engines.checkpoint import checkpoint_sha256, model_from_checkpoint
+
+        if request.checkpoint:
+            model = model_from_checkpoint(request.checkpoint, expect_model=request.model)
+            sha = checkpoint_sha256(request.checkpoint)
+        else:
+            model = registry.create(request.model, request.preset)
+            sha = None
+        return infer.run(model, slide, on_event=emit, cancel=cancel, roi=roi, checkpoint_id=sha)
+
+    return job
+
+
+class InferenceController(QObject):
+    status = Signal(str)
+    trace_changed = Signal(object)  # the TraceLayers now shown, or None
+
+    def __init__(self, window, canvas, panel: ModelsPanel, plot: TrailPlot,
+                 engine: EngineThread | None = None, job_factory=make_inference_job) -> None:
+        super().__init__(window)
+        self.window = window
+        self.canvas = canvas
+        self.panel = panel
+        self.plot = plot
+        self.engine = engine or EngineThread(self)
+        self.job_factory = job_factory
+        self.layers: dict[tuple[str, str], TraceLayers] = {}
+        self.current: TraceLayers | None = None
+        self.run_id: int | None = None
+        self._run_key: tuple[str, str] | None = None
+        self.last_error: str | None = None
+        self.rubber = RubberBandOverlay()
+        self._press: QPointF | None = None
+        self._band_start: tuple[float, float] | None = None
+        self._stop = -1
+        self._play = QTimer(self)
+        self._play.setInterval(PLAY_INTERVAL_MS)
+        self._play.timeout.connect(lambda: self.step(1, wrap=True))
+
+        panel.run_requested.connect(self.run)
+        panel.cancel_requested.connect(self.cancel)
+        panel.step_requested.connect(self.step)
+        panel.play_toggled.connect(self.set_playing)
+        panel.colormap_changed.connect(lambda n: self.current and self.current.set_colormap(n))
+        panel.joint_changed.connect(lambda j: self.current and self.current.set_joint(j))
+        panel.smooth_changed.connect(lambda s: self.current and self.current.set_smooth(s))
+        panel.model_combo.currentTextChanged.connect(self._show_for_model)
+        plot.step_clicked.connect(self.go_to_step)
+        self.engine.event.connect(self._on_event)
+        self.engine.done.connect(self._on_done)
+        self.engine.failed.connect(self._on_failed)
+        self.engine.cancelled.connect(self._on_cancelled)
+        canvas.installEventFilter(self)
+        canvas.cursor_moved.connect(self._on_cursor)
+
+    # -- keys ------------------------------------------------------------------------------
+    def _slide_key(self) -> str | None:
+        s = self.canvas.slide
+        return str(s.path) if s is not None else None
+
+    def slide_changed(self) -> None:
+        """Show the traces of the newly opened slide only."""
+        self.cancel()
+        self.rubber.set_rect(None)
+        for layers in self.layers.values():
+            layers.hide()
+        self.current = None
+        self._show_for_model(self.panel.model_combo.currentText())
+
+    def _show_for_model(self, model: str) -> None:
+        key = (self._slide_key() or "", model)
+        layers = self.layers.get(key)
+        if layers is self.current:
+            return
+        if self.current is not None:
+            self.current.hide()
+        self.current = layers
+        self._stop = -1
+        if layers is not None:
+            layers.show()
+            self.plot.set_steps(layers.trace.trail, layers.trail.positive)
+            self.panel.show_prediction(layers.trace.classes, layers.trace.probs)
+        else:
+            self.plot.clear()
+            self.panel.show_prediction([], [])
+        self.trace_changed.emit(layers)
+
+    # -- running ---------------------------------------------------------------------------
+    def roi_for(self, scope: str):
+        s = self.canvas.slide
+        if scope == "Current view":
+            x, y, w, h = self.canvas.camera.view_rect()
+            x0, y0 = max(x, 0.0), max(y, 0.0)
+            x1, y1 = min(x + w, float(s.width)), min(y + h, float(s.height))
+            return (x0, y0, x1 - x0, y1 - y0) if x1 > x0 and y1 > y0 else None
+        if scope == "Drawn rectangle":
+            return self.rubber.rect
+        return None
+
+    def run(self, request: RunRequest) -> int | None:
+        slide = self.canvas.slide
+        if slide is None:
+            self._fail("Open a slide first.")
+            return None
+        roi = self.roi_for(request.scope)
+        if request.scope == "Drawn rectangle" and roi is None:
+            self._fail("Draw a rectangle first: Shift+drag on the slide.")
+            return None
+        if self.run_id is not None:
+            self.engine.cancel(self.run_id)
+        key = (str(slide.path), request.model)
+        old = self.layers.pop(key, None)
+        if old is not None:
+            old.hide()
+        trace = Trace(model=request.model, preset=request.preset, checkpoint=None,
+                      slide=SlideRef(str(slide.path), slide.width, slide.height, slide.mpp), roi=roi)
+        layers = TraceLayers(self.canvas, trace, colormap=self.panel.colormap_combo.currentText(),
+                             joint=self.panel.joint_check.isChecked())
+        self.layers[key] = layers
+        if self.current is not None and self.current is not layers:
+            self.current.hide()
+        self.current = layers
+        layers.show()
+        self.plot.clear()
+        self.panel.show_prediction([], [])
+        self.panel.set_running(True)
+        if request.checkpoint:
+            self.panel.add_recent_checkpoint(request.checkpoint)
+        self.last_error = None
+        self._run_key = key
+        self.run_id = self.engine.submit(self.job_factory(request, slide, roi))
+        self.trace_changed.emit(layers)
+        return self.run_id
+
+    def cancel(self) -> None:
+        if self.run_id is not None:
+            self.engine.cancel(self.run_id)
+
+    def _mine(self, run_id: int) -> bool:
+        return run_id == self.run_id
+
+    def _layers_of_run(self) -> TraceLayers | None:
+        return self.layers.get(self._run_key) if self._run_key else None
+
+    def _on_event(self, run_id: int, event: object) -> None:
+        if not self._mine(run_id):
+            return
+        layers = self._layers_of_run()
+        if isinstance(event, Progress):
+            self.panel.set_progress(event.done, event.total, event.stage)
+            return
+        if layers is None:
+            return
+        layers.trace.add(event)
+        layers.add_event(event)
+        if isinstance(event, TrailStep) and layers is self.current:
+            self.plot.add_step(event)
+
+    def _on_done(self, run_id: int, trace: Trace) -> None:
+        if not self._mine(run_id):
+            return
+        self.run_id = None
+        layers = self._layers_of_run()
+        if layers is not None:
+            layers.trace = trace
+            if layers is self.current:
+                self.plot.set_steps(trace.trail, layers.trail.positive)
+        note = f"Done in {trace.timings.get('total_s', 0.0):.1f} s"
+        if trace.checkpoint is None:
+            note += " — initial weights (no checkpoint)"
+        self.panel.set_finished(trace.classes, trace.probs, note)
+        self.status.emit(f"{trace.model}: {trace.prediction} ({max(trace.probs):.2f})" if trace.probs else note)
+
+    def _on_failed(self, run_id: int, message: str) -> None:
+        if not self._mine(run_id):
+            return
+        self.run_id = None
+        self._fail(message)
+
+    def _fail(self, message: str) -> None:
+        self.last_error = message
+        self.panel.set_error(message)
+        self.status.emit(f"Model run failed: {message}")
+        log.error("model run failed: %s", message)
+
+    def _on_cancelled(self, run_id: int) -> None:
+        if not self._mine(run_id):
+            return
+        self.run_id = None
+        self.panel.set_cancelled()
+        self.status.emit("Model run cancelled")
+
+    # -- the magnification path ------------------------------------------------------------
+    def step(self, direction: int, wrap: bool = False) -> str | None:
+        """Move along the path of the current trace; returns the stop's title."""
+        if self.current is None:
+            return None
+        stops = self.current.path()
+        if not stops:
+            return None
+        i = self._stop + direction
+        if wrap:
+            i %= len(stops)
+        i = min(max(i, 0), len(stops) - 1)
+        self._stop = i
+        title, rects, depth, overlay = stops[i]
+        x0 = min(r[0] for r in rects)
+        y0 = min(r[1] for r in rects)
+        x1 = max(r[0] + r[2] for r in rects)
+        y1 = max(r[1] + r[3] for r in rects)
+        margin = 0.08 * max(x1 - x0, y1 - y0)
+        self.canvas.show_rect((x0 - margin, y0 - margin, x1 - x0 + 2 * margin, y1 - y0 + 2 * margin))
+        field_id = None
+        if depth:
+            f = [f for f in self.current.trace.fields if f.rect == rects[0] and f.depth == depth]
+            field_id = f[0].id if f else None
+        self.current.focus(depth if depth else None, field_id, overlay)
+        label = f"{i + 1} / {len(stops)}: {title}"
+        self.panel.path_label.setText(label)
+        return title
+
+    def set_playing(self, on: bool) -> None:
+        if on:
+            self._play.start()
+            self.step(1, wrap=True)
+        else:
+            self._play.stop()
+
+    @property
+    def stop_index(self) -> int:
+        return self._stop
+
+    # -- the probability trail -------------------------------------------------------------
+    def go_to_step(self, index: int) -> None:
+        if self.current is None:
+            return
+        step = next((s for s in self.current.trace.trail if s.index == index), None)
+        if step is None:
+            return
+        field = self.current.trace.field_by_id(step.field_id) if step.field_id is not None else None
+        if field is not None:
+            x, y, w, h = field.rect
+            self.canvas.center_on(x + w / 2, y + h / 2)
+        self.current.trail.set_highlight(index)
+        self.plot.highlight(index)
+
+    # -- canvas events: Shift+drag rectangle, click on a trail step ---------------------------
+    def eventFilter(self, obj, event) -> bool:  # noqa: N802 - Qt override
+        if obj is not self.canvas or not isinstance(event, QMouseEvent):
+            return False
+        et = event.type()
+        pos = event.position()
+        if et == QEvent.Type.MouseButtonPress and event.button() == Qt.MouseButton.LeftButton:
+            self._press = pos
+            if event.modifiers() & Qt.KeyboardModifier.ShiftModifier and self.canvas.slide is not None:
+                self._band_start = self.canvas.camera.to_level0(pos.x(), pos.y())
+                if self.rubber not in self.canvas.overlays():
+                    self.canvas.add_overlay(self.rubber)
+                self.rubber.set_rect(None)
+                return True
+        elif et == QEvent.Type.MouseMove and self._band_start is not None:
+            self.rubber.set_rect(self._band_rect(pos))
+            self.canvas.update()
+            return True
+        elif et == QEvent.Type.MouseButtonRelease and event.button() == Qt.MouseButton.LeftButton:
+            if self._band_start is not None:
+                rect = self._band_rect(pos)
+                self._band_start = None
+                ok = rect[2] > 1 and rect[3] > 1
+                self.rubber.set_rect(rect if ok else None)
+                if ok:
+                    self.panel.scope_combo.setCurrentText("Drawn rectangle")
+                    self.status.emit(f"Region {rect[2]:.0f} x {rect[3]:.0f} px: press Run to analyse it")
+                self.canvas.update()
+                return True
+            if self._press is not None and (pos - self._press).manhattanLength() <= CLICK_SLOP_PX:
+                self._click(pos)
+            self._press = None
+        return False
+
+    def _band_rect(self, pos: QPointF) -> tuple[float, float, float, float]:
+        s = self.canvas.slide
+        ax, ay = self._band_start
+        bx, by = self.canvas.camera.to_level0(pos.x(), pos.y())
+        x0, x1 = sorted((min(max(ax, 0), s.width), min(max(bx, 0), s.width)))
+        y0, y1 = sorted((min(max(ay, 0), s.height), min(max(by, 0), s.height)))
+        return (x0, y0, x1 - x0, y1 - y0)
+
+    def _click(self, pos: QPointF) -> None:
+        if self.current is None or not self.current.trail.visible:
+            return
+        step = self.current.trail.step_at(self.canvas.camera, pos.x(), pos.y())
+        if step is not None:
+            self.go_to_step(step.index)
+
+    def _on_cursor(self, x: float, y: float) -> None:
+        if self.current is None:
+            return
+        parts = []
+        if self.current.fields.visible:
+            f = self.current.fields.field_at(x, y)
+            if f is not None:
+                parts.append(self.describe_field(f))
+        hit = self.current.value_at(x, y)
+        if hit is not None:
+            parts.append(f"{hit[0]} = {hit[1]:.4g}")
+        if parts:
+            self.status.emit("   ".join(parts))
+
+    def describe_field(self, f: Field) -> str:
+        mpp = self.canvas.slide.mpp if self.canvas.slide else None
+        size = f"{f.rect[2]:.0f} x {f.rect[3]:.0f} px"
+        if mpp:
+            size += f" ({f.rect[2] * mpp:.0f} x {f.rect[3] * mpp:.0f} µm)"
+        return f"{f.kind} {f.id}: depth {f.depth}, score {f.score:.3g}, {size}"
+
+    # -- files -----------------------------------------------------------------------------
+    def save_trace(self, path: str | os.PathLike) -> None:
+        if self.current is None:
+            raise TraceError("no trace to save: run a model first")
+        self.current.trace.save(path)
+
+    def export_geojson(self, path: str | os.PathLike) -> None:
+        if self.current is None:
+            raise TraceError("no trace to export: run a model first")
+        self.current.trace.save_geojson(path)
+
+    def open_trace(self, path: str | os.PathLike) -> TraceLayers:
+        """Load a saved trace onto the open slide (which must be the slide it was made on)."""
+        trace = Trace.load(path)
+        slide = self.canvas.slide
+        if slide is None:
+            raise TraceError("open the slide first, then the trace")
+        if (trace.slide.width, trace.slide.height) != (slide.width, slide.height):
+            raise TraceError(f"{Path(path).name} was made on {Path(trace.slide.path).name} "
+                             f"({trace.slide.width}x{trace.slide.height}), not on this slide")
+        key = (str(slide.path), trace.model)
+        old = self.layers.pop(key, None)
+        if old is not None:
+            old.hide()
+        layers = TraceLayers(self.canvas, trace, colormap=self.panel.colormap_combo.currentText())
+        self.layers[key] = layers
+        self.current = None
+        self.panel.set_model(trace.model)
+        self._show_for_model(trace.model)
+        return layers
+
+    def figure(self, width: int, height: int):
+        title = ""
+        if self.current is not None and self.current.trace.probs:
+            t = self.current.trace
+            title = f"{t.model}: {t.prediction} ({max(t.probs):.2f})"
+        return render_figure(self.canvas, width, height, None, title)
+
+    def shutdown(self) -> None:
+        self._play.stop()
+        self.engine.shutdown()

@@ -1,0 +1,68 @@
+"""The probability-trail plot: the model's belief in the positive class after each step."""
+from __future__ import annotations
+
+import pyqtgraph as pg
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtWidgets import QVBoxLayout, QWidget
+
+from engines.trace import TrailStep
+
+
+class TrailPlot(QWidget):
+    step_clicked = Signal(int)  # TrailStep.index
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        pg.setConfigOptions(antialias=True)
+        self.plot = pg.PlotWidget(background="w")
+        self.plot.setLabel("bottom", "step")
+        self.plot.setLabel("left", "P(positive)")
+        self.plot.setYRange(0, 1, padding=0.02)
+        self.plot.showGrid(x=True, y=True, alpha=0.3)
+        self.plot.addItem(pg.InfiniteLine(0.5, angle=0, pen=pg.mkPen((150, 150, 150), style=Qt.PenStyle.DashLine)))
+        self.curve = self.plot.plot([], [], pen=pg.mkPen((40, 40, 40), width=2))
+        self.points = pg.ScatterPlotItem(size=11, pen=pg.mkPen("k"), hoverable=True)
+        self.points.sigClicked.connect(self._clicked)
+        self.plot.addItem(self.points)
+        self.marker = pg.ScatterPlotItem(size=18, pen=pg.mkPen((255, 0, 0), width=2), brush=None)
+        self.plot.addItem(self.marker)
+        self.positive = 1
+        self.steps: list[TrailStep] = []
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(self.plot)
+
+    def set_steps(self, steps: list[TrailStep], positive: int = 1) -> None:
+        self.steps = list(steps)
+        self.positive = positive
+        self._redraw()
+
+    def add_step(self, step: TrailStep) -> None:
+        self.steps.append(step)
+        self._redraw()
+
+    def clear(self) -> None:
+        self.set_steps([])
+        self.highlight(None)
+
+    def values(self) -> tuple[list[int], list[float]]:
+        xs = [s.index + 1 for s in self.steps]
+        ys = [float(s.probs[self.positive]) if len(s.probs) > self.positive else 0.0 for s in self.steps]
+        return xs, ys
+
+    def _redraw(self) -> None:
+        from viewer.overlays import colormaps
+
+        xs, ys = self.values()
+        self.curve.setData(xs, ys)
+        brushes = [pg.mkBrush(colormaps.color(colormaps.PROBABILITY, y)) for y in ys]
+        self.points.setData(xs, ys, brush=brushes, data=[s.index for s in self.steps])
+
+    def highlight(self, index: int | None) -> None:
+        xs, ys = self.values()
+        pts = [(x, y) for x, y, s in zip(xs, ys, self.steps) if s.index == index]
+        self.marker.setData([p[0] for p in pts], [p[1] for p in pts])
+
+    def _clicked(self, _item, points, *_args) -> None:
+        if len(points):
+            self.step_clicked.emit(int(points[0].data()))
