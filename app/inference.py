@@ -191,6 +191,8 @@ class InferenceController(QObject):
         layers.add_event(event)
         if isinstance(event, TrailStep) and layers is self.current:
             self.plot.add_step(event)
+            if len(layers.trail.steps) == 1:
+                self.trace_changed.emit(layers)  # the first step: time to show the plot
 
     def _on_done(self, run_id: int, trace: Trace) -> None:
         if not self._mine(run_id):

@@ -355,7 +355,7 @@ class MainWindow(QMainWindow):
 
     # -- traces --------------------------------------------------------------------------
     def _on_trace_changed(self, layers) -> None:
-        if layers is not None and (layers.trace.trail or layers.trace.model == "magnet"):
+        if layers is not None and layers.trace.trail:
             self.trail_dock.show()
 
     def _trace_path_dialog(self, title: str, suffix: str, filt: str, save: bool) -> str | None:
