@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -24,6 +25,9 @@ Rect = tuple[float, float, float, float]
 BACKGROUND = (255, 255, 255)
 # Plain images are decoded whole; refuse ones that would not fit comfortably in memory.
 MAX_PLAIN_PIXELS = 1_000_000_000
+# Slides whose pyramid lacks coarse levels (e.g. one-level SVS crops) get an in-memory
+# pyramid on first coarse read, when level 0 is at most this many pixels.
+MAX_PROXY_PIXELS = 100_000_000
 PLAIN_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 
 
@@ -49,6 +53,8 @@ class Slide:
         self.vendor: str = self._backend.vendor
         self.mpp_xy: tuple[float, float] | None = _mpp_from_properties(self.properties)
         self.objective_power: float | None = _objective_from_properties(self.properties)
+        self._proxy: list[np.ndarray] | None = None  # halvings of level 0, built on demand
+        self._proxy_lock = threading.Lock()
 
     # -- basic facts -------------------------------------------------------------------
     @property
@@ -129,14 +135,37 @@ class Slide:
         ds = self.levels[level].downsample
         x0, y0 = math.floor(x), math.floor(y)
         x1, y1 = math.ceil(x + w), math.ceil(y + h)
-        lw = max(1, math.ceil((x1 - x0) / ds))
-        lh = max(1, math.ceil((y1 - y0) / ds))
-        region = self.read_region(level, x0, y0, lw, lh)
+        proxy = self._proxy_for(downsample) if downsample >= 2 * ds else None
+        if proxy is not None:
+            region, ds, ox, oy = _crop_array(proxy, self.width / proxy.shape[1], x0, y0, x1, y1)
+        else:
+            lw = max(1, math.ceil((x1 - x0) / ds))
+            lh = max(1, math.ceil((y1 - y0) / ds))
+            region, ox, oy = self.read_region(level, x0, y0, lw, lh), x0, y0
+        lh, lw = region.shape[:2]
         # Crop the exact sub-pixel box while resizing (PIL's box is in source pixels).
-        box = ((x - x0) / ds, (y - y0) / ds, (x + w - x0) / ds, (y + h - y0) / ds)
-        box = (box[0], box[1], min(box[2], lw), min(box[3], lh))
+        box = ((x - ox) / ds, (y - oy) / ds, min((x + w - ox) / ds, lw), min((y + h - oy) / ds, lh))
         img = Image.fromarray(region).resize((int(out_w), int(out_h)), Image.BILINEAR, box=box)
         return np.asarray(img)
+
+    def _proxy_for(self, downsample: float) -> np.ndarray | None:
+        """The finest in-memory halving not finer than needed, for slides without coarse
+        levels; built once (one read of level 0) and shared by every reader of this slide."""
+        if self.width * self.height > MAX_PROXY_PIXELS:
+            return None
+        with self._proxy_lock:
+            if self._proxy is None:
+                base = Image.fromarray(self.read_region(0, 0, 0, self.width, self.height))
+                pyramid = []
+                while max(base.size) > 64:
+                    base = base.resize((max(1, base.width // 2), max(1, base.height // 2)), Image.BOX)
+                    pyramid.append(np.asarray(base))
+                self._proxy = pyramid
+        best = None
+        for arr in self._proxy:
+            if self.width / arr.shape[1] <= downsample * 1.0001:
+                best = arr
+        return best
 
     def thumbnail(self, max_side: int) -> np.ndarray:
         """The whole slide fitted into ``max_side`` x ``max_side``, aspect kept."""
@@ -351,6 +380,19 @@ def _pil_mpp(img: Image.Image) -> tuple[float, float] | None:
         return mx, my
     except Exception:  # noqa: BLE001
         return None
+
+
+def _crop_array(arr: np.ndarray, ds: float, x0: int, y0: int, x1: int, y1: int):
+    """Pixels of an in-memory level (downsample ``ds``) covering level-0 [x0, x1) x [y0, y1),
+    padded with background; returns (region, ds, level-0 x and y of its top-left)."""
+    lx0, ly0 = int(math.floor(x0 / ds)), int(math.floor(y0 / ds))
+    lx1, ly1 = int(math.ceil(x1 / ds)), int(math.ceil(y1 / ds))
+    out = np.full((max(1, ly1 - ly0), max(1, lx1 - lx0), 3), BACKGROUND, np.uint8)
+    sx0, sy0 = max(lx0, 0), max(ly0, 0)
+    sx1, sy1 = min(lx1, arr.shape[1]), min(ly1, arr.shape[0])
+    if sx1 > sx0 and sy1 > sy0:
+        out[sy0 - ly0 : sy1 - ly0, sx0 - lx0 : sx1 - lx0] = arr[sy0:sy1, sx0:sx1]
+    return out, ds, lx0 * ds, ly0 * ds
 
 
 def iter_tiles(width: int, height: int, tile: int) -> Iterator[tuple[int, int, int, int]]:
