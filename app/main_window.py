@@ -184,6 +184,10 @@ class MainWindow(QMainWindow):
         self.step_next_action = self._action("Step &Forward", lambda: self.inference.step(1), "]")
         for action in (self.run_action, self.cancel_action, self.step_back_action, self.step_next_action):
             model_menu.addAction(action)
+        model_menu.addSeparator()
+        self.train_action = self._action("&Train or Fine-tune…", self.show_training_dialog, "Ctrl+T")
+        model_menu.addAction(self.train_action)
+        self.training_dialog = None
 
     def _action(self, text: str, slot, shortcut=None) -> QAction:
         action = QAction(text, self)
@@ -353,6 +357,24 @@ class MainWindow(QMainWindow):
         self.view_exported.emit(str(target))
         return True
 
+    # -- training ------------------------------------------------------------------------
+    def show_training_dialog(self):
+        from app.training_dialog import TrainingDialog
+
+        if self.training_dialog is None:
+            self.training_dialog = TrainingDialog(self)
+            self.training_dialog.open_checkpoint.connect(self._use_checkpoint)
+        self.training_dialog.show()
+        self.training_dialog.raise_()
+        return self.training_dialog
+
+    def _use_checkpoint(self, model: str, path: str) -> None:
+        self.models_panel.set_model(model)
+        self.models_panel.set_checkpoint(path)
+        self.models_dock.show()
+        self.models_dock.raise_()
+        self.statusBar().showMessage(f"{model}: using {Path(path).name}", 8000)
+
     # -- traces --------------------------------------------------------------------------
     def _on_trace_changed(self, layers) -> None:
         if layers is not None and layers.trace.trail:
@@ -450,6 +472,8 @@ class MainWindow(QMainWindow):
     def closeEvent(self, event: QCloseEvent) -> None:  # noqa: N802 - Qt override
         self.save_layout()
         self.inference.shutdown()
+        if self.training_dialog is not None:
+            self.training_dialog.shutdown()
         self._jobs.clear()
         self._jobs.wait(3000)
         shutdown = getattr(self.canvas, "shutdown", None)

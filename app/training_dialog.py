@@ -1,0 +1,325 @@
+"""The training dialog: pick a manifest and a model, train or fine-tune on the engine thread,
+watch loss and AUROC curves, pause, stop, and open the best checkpoint in the viewer."""
+from __future__ import annotations
+
+import math
+import threading
+from pathlib import Path
+
+import pyqtgraph as pg
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtWidgets import (
+    QCheckBox, QComboBox, QDialog, QDoubleSpinBox, QFileDialog, QFormLayout, QGridLayout,
+    QHBoxLayout, QHeaderView, QLabel, QLineEdit, QPlainTextEdit, QProgressBar, QPushButton,
+    QSpinBox, QSplitter, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget,
+)
+
+from app.engine import EngineThread
+from engines import registry
+from engines.data import ManifestError, read_manifest
+
+
+def _fmt_eta(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return ""
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"ETA {h}:{m:02d}:{s:02d}" if h else f"ETA {m}:{s:02d}"
+
+
+class TrainingDialog(QDialog):
+    open_checkpoint = Signal(str, str)  # model name, checkpoint path
+
+    def __init__(self, parent: QWidget | None = None, engine: EngineThread | None = None) -> None:
+        super().__init__(parent)
+        self.setWindowTitle("Train a model")
+        self.resize(1000, 720)
+        self.engine = engine or EngineThread(self)
+        self.engine.event.connect(self._on_event)
+        self.engine.done.connect(self._on_done)
+        self.engine.failed.connect(self._on_failed)
+        self.engine.cancelled.connect(self._on_done_cancelled)
+        self.run_id: int | None = None
+        self.control = None
+        self.result = None
+        self.last_error: str | None = None
+        self._history: list[dict[str, float]] = []
+
+        # -- settings ------------------------------------------------------------------------
+        self.manifest_edit = QLineEdit()
+        self.manifest_edit.setPlaceholderText("manifest.csv (slide,label[,split])")
+        self.manifest_edit.editingFinished.connect(lambda: self.load_manifest(self.manifest_edit.text()))
+        browse = QPushButton("Browse…")
+        browse.clicked.connect(self._browse_manifest)
+        mrow = QHBoxLayout()
+        mrow.addWidget(self.manifest_edit, 1)
+        mrow.addWidget(browse)
+        self.model_combo = QComboBox()
+        self.model_combo.addItems(registry.list_models())
+        self.preset_combo = QComboBox()
+        self.preset_combo.addItems(["tiny", "paper"])
+        self.epochs = QSpinBox()
+        self.epochs.setRange(1, 10000)
+        self.epochs.setValue(10)
+        self.lr = QDoubleSpinBox()
+        self.lr.setDecimals(6)
+        self.lr.setRange(1e-6, 1.0)
+        self.lr.setSingleStep(1e-4)
+        self.lr.setValue(1e-3)
+        self.accum = QSpinBox()
+        self.accum.setRange(0, 256)
+        self.accum.setSpecialValueText("model default")
+        self.seed = QSpinBox()
+        self.seed.setRange(0, 2**31 - 1)
+        self.out_edit = QLineEdit(str(Path.cwd() / "runs" / "train"))
+        out_browse = QPushButton("…")
+        out_browse.clicked.connect(self._browse_out)
+        orow = QHBoxLayout()
+        orow.addWidget(self.out_edit, 1)
+        orow.addWidget(out_browse)
+        self.init_edit = QLineEdit()
+        self.init_edit.setPlaceholderText("optional checkpoint to fine-tune")
+        init_browse = QPushButton("…")
+        init_browse.clicked.connect(self._browse_init)
+        irow = QHBoxLayout()
+        irow.addWidget(self.init_edit, 1)
+        irow.addWidget(init_browse)
+        self.freeze = QCheckBox("Freeze backbone when fine-tuning")
+        self.resume = QCheckBox("Resume the run in the output folder")
+
+        form = QFormLayout()
+        form.addRow("Manifest", mrow)
+        form.addRow("Model", self.model_combo)
+        form.addRow("Preset", self.preset_combo)
+        form.addRow("Epochs", self.epochs)
+        form.addRow("Learning rate", self.lr)
+        form.addRow("Accumulation", self.accum)
+        form.addRow("Seed", self.seed)
+        form.addRow("Output folder", orow)
+        form.addRow("Fine-tune from", irow)
+        form.addRow(self.freeze)
+        form.addRow(self.resume)
+
+        self.preview = QTableWidget(0, 3)
+        self.preview.setHorizontalHeaderLabels(["Slide", "Label", "Split"])
+        self.preview.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
+        self.preview.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
+        self.counts_label = QLabel("No manifest loaded")
+        self.counts_label.setWordWrap(True)
+
+        # -- running -------------------------------------------------------------------------
+        self.start_button = QPushButton("Start")
+        self.start_button.clicked.connect(self.start)
+        self.pause_button = QPushButton("Pause")
+        self.pause_button.setCheckable(True)
+        self.pause_button.setEnabled(False)
+        self.pause_button.toggled.connect(self._pause)
+        self.stop_button = QPushButton("Stop")
+        self.stop_button.setEnabled(False)
+        self.stop_button.clicked.connect(self.stop)
+        self.open_button = QPushButton("Open in viewer")
+        self.open_button.setEnabled(False)
+        self.open_button.clicked.connect(self._open_best)
+        brow = QHBoxLayout()
+        for b in (self.start_button, self.pause_button, self.stop_button, self.open_button):
+            brow.addWidget(b)
+        self.progress = QProgressBar()
+        self.status_label = QLabel("Idle")
+        self.log = QPlainTextEdit()
+        self.log.setReadOnly(True)
+        self.log.setMaximumBlockCount(5000)
+
+        pg.setConfigOptions(antialias=True)
+        self.loss_plot = pg.PlotWidget(background="w", title="Loss")
+        self.loss_plot.addLegend()
+        self.loss_plot.setLabel("bottom", "epoch")
+        self.train_curve = self.loss_plot.plot([], [], pen=pg.mkPen((30, 90, 200), width=2), symbol="o",
+                                               symbolSize=6, name="train")
+        self.val_curve = self.loss_plot.plot([], [], pen=pg.mkPen((220, 90, 30), width=2), symbol="s",
+                                             symbolSize=6, name="validation")
+        self.auc_plot = pg.PlotWidget(background="w", title="Validation AUROC")
+        self.auc_plot.setLabel("bottom", "epoch")
+        self.auc_plot.setYRange(0, 1)
+        self.auc_curve = self.auc_plot.plot([], [], pen=pg.mkPen((30, 150, 60), width=2), symbol="o", symbolSize=6)
+
+        left = QWidget()
+        ll = QVBoxLayout(left)
+        ll.addLayout(form)
+        ll.addWidget(self.counts_label)
+        ll.addWidget(self.preview, 1)
+        right = QWidget()
+        rl = QGridLayout(right)
+        rl.addWidget(self.loss_plot, 0, 0)
+        rl.addWidget(self.auc_plot, 0, 1)
+        rl.addWidget(self.log, 1, 0, 1, 2)
+        split = QSplitter(Qt.Orientation.Horizontal)
+        split.addWidget(left)
+        split.addWidget(right)
+        split.setSizes([420, 580])
+        layout = QVBoxLayout(self)
+        layout.addWidget(split, 1)
+        layout.addWidget(self.progress)
+        layout.addWidget(self.status_label)
+        layout.addLayout(brow)
+
+    # -- manifest ----------------------------------------------------------------------------
+    def _browse_manifest(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Choose a manifest", "", "CSV (*.csv);;All files (*)")
+        if path:
+            self.manifest_edit.setText(path)
+            self.load_manifest(path)
+
+    def _browse_out(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "Output folder", self.out_edit.text())
+        if path:
+            self.out_edit.setText(path)
+
+    def _browse_init(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Checkpoint to fine-tune", "", "Checkpoints (*.pt *.pth)")
+        if path:
+            self.init_edit.setText(path)
+
+    def load_manifest(self, path: str) -> bool:
+        """Fill the preview table; problems are listed row by row in the log."""
+        self.preview.setRowCount(0)
+        if not path:
+            return False
+        try:
+            data = read_manifest(path, seed=self.seed.value())
+        except ManifestError as exc:
+            self.counts_label.setText(f"{len(exc.problems)} problem(s) in the manifest — see the log")
+            for p in exc.problems:
+                self._log(p)
+            self.start_button.setEnabled(False)
+            return False
+        self.preview.setRowCount(len(data.samples))
+        for i, s in enumerate(data.samples):
+            for j, v in enumerate((s.path.name, s.label, s.split)):
+                self.preview.setItem(i, j, QTableWidgetItem(v))
+        counts = data.counts()
+        self.counts_label.setText("   ".join(
+            f"{split}: " + ", ".join(f"{n} {c}" for c, n in per.items())
+            for split, per in sorted(counts.items())))
+        self.start_button.setEnabled(True)
+        return True
+
+    # -- running -----------------------------------------------------------------------------
+    def config(self):
+        from engines.train import TrainConfig
+
+        return TrainConfig(
+            manifest=self.manifest_edit.text(), model=self.model_combo.currentText(),
+            preset=self.preset_combo.currentText(), out=self.out_edit.text(), epochs=self.epochs.value(),
+            lr=self.lr.value(), accumulation=self.accum.value() or None, seed=self.seed.value(),
+            resume=self.resume.isChecked(), init=self.init_edit.text() or None,
+            freeze_backbone=self.freeze.isChecked())
+
+    def start(self) -> int | None:
+        from engines.train import TrainControl, train
+
+        if not self.load_manifest(self.manifest_edit.text()):
+            self._log("Choose a valid manifest first.")
+            return None
+        cfg = self.config()
+        control = TrainControl()
+        self.control = control
+        self._history = []
+        self._set_curves()
+        self.last_error = None
+
+        def job(emit, cancel: threading.Event):
+            # Stop and close go through `control`, which leaves a resumable checkpoint.
+            return train(cfg, on_event=emit, control=control)
+
+        self.run_id = self.engine.submit(job)
+        self._running(True)
+        self._log(f"Training {cfg.model}/{cfg.preset} for {cfg.epochs} epochs into {cfg.out}")
+        return self.run_id
+
+    def stop(self) -> None:
+        if self.control is not None:
+            self.control.cancel()
+            self.status_label.setText("Stopping at the next step…")
+
+    def _pause(self, paused: bool) -> None:
+        if self.control is None:
+            return
+        if paused:
+            self.control.pause()
+            self.pause_button.setText("Resume")
+            self.status_label.setText("Paused")
+        else:
+            self.control.resume()
+            self.pause_button.setText("Pause")
+
+    def _running(self, on: bool) -> None:
+        self.start_button.setEnabled(not on)
+        self.pause_button.setEnabled(on)
+        self.stop_button.setEnabled(on)
+        if not on:
+            self.pause_button.setChecked(False)
+
+    def _on_event(self, run_id: int, event: object) -> None:
+        from engines.train import EpochEvent, LogEvent, StepEvent
+
+        if run_id != self.run_id:
+            return
+        if isinstance(event, StepEvent):
+            self.progress.setRange(0, event.steps * event.epochs)
+            self.progress.setValue((event.epoch - 1) * event.steps + event.step)
+            losses = ", ".join(f"{k} {v:.3g}" for k, v in event.losses.items())
+            self.status_label.setText(f"Epoch {event.epoch}/{event.epochs}, step {event.step}/{event.steps}: "
+                                      f"{losses}   {_fmt_eta(event.eta_s)}")
+        elif isinstance(event, EpochEvent):
+            self._history.append(event.metrics)
+            self._set_curves()
+        elif isinstance(event, LogEvent):
+            self._log(event.message)
+
+    def _set_curves(self) -> None:
+        h = self._history
+        ep = [m["epoch"] for m in h]
+        self.train_curve.setData(ep, [m["train_loss"] for m in h])
+        val = [(m["epoch"], m["val_loss"]) for m in h if "val_loss" in m]
+        self.val_curve.setData([v[0] for v in val], [v[1] for v in val])
+        auc = [(m["epoch"], m["val_auroc"]) for m in h if not math.isnan(m.get("val_auroc", float("nan")))]
+        self.auc_curve.setData([a[0] for a in auc], [a[1] for a in auc])
+
+    def _on_done(self, run_id: int, result) -> None:
+        if run_id != self.run_id:
+            return
+        self.result = result
+        self._running(False)
+        cancelled = getattr(result, "cancelled", False)
+        self.status_label.setText("Stopped — resumable from last.pt" if cancelled else "Finished")
+        self.open_button.setEnabled(self.best_checkpoint() is not None)
+
+    def _on_done_cancelled(self, run_id: int) -> None:
+        if run_id == self.run_id:
+            self._running(False)
+            self.status_label.setText("Stopped")
+
+    def _on_failed(self, run_id: int, message: str) -> None:
+        if run_id != self.run_id:
+            return
+        self.last_error = message
+        self._running(False)
+        self.status_label.setText("Failed")
+        self._log(f"Error: {message}")
+
+    def best_checkpoint(self) -> str | None:
+        p = Path(self.out_edit.text()) / "best.pt"
+        return str(p) if p.is_file() else None
+
+    def _open_best(self) -> None:
+        best = self.best_checkpoint()
+        if best:
+            self.open_checkpoint.emit(self.model_combo.currentText(), best)
+
+    def _log(self, text: str) -> None:
+        self.log.appendPlainText(text)
+
+    def shutdown(self) -> None:
+        if self.control is not None:
+            self.control.cancel()
+        self.engine.shutdown(timeout_ms=30_000)

@@ -1,0 +1,75 @@
+"""The training dialog as a user drives it: preview a manifest, train two epochs with live
+curves, stop and resume, open the best checkpoint in the Models dock."""
+from __future__ import annotations
+
+import pytest
+from PySide6.QtCore import Qt
+
+from engines import registry
+from tests.test_main_window import _sandboxed_settings, dialogs, make_window, qsettings  # noqa: F401
+from tests.test_train import manifest  # noqa: F401 - the module-scoped manifest fixture
+
+TRAIN_TIMEOUT_MS = 120_000
+
+
+@pytest.fixture(autouse=True)
+def fake(monkeypatch):
+    monkeypatch.setitem(registry.MODULES, "fake", "tests.fake_model")
+
+
+@pytest.fixture
+def window(qtbot, qsettings, dialogs):  # noqa: F811
+    w = make_window(qtbot, qsettings, size=(1000, 700))
+    yield w
+    w.close()
+
+
+def setup_dialog(window, manifest, out, epochs=2):  # noqa: F811
+    dlg = window.show_training_dialog()
+    dlg.manifest_edit.setText(str(manifest))
+    assert dlg.load_manifest(str(manifest))
+    dlg.model_combo.addItem("fake")
+    dlg.model_combo.setCurrentText("fake")
+    dlg.epochs.setValue(epochs)
+    dlg.lr.setValue(0.05)
+    dlg.out_edit.setText(str(out))
+    return dlg
+
+
+def test_preview_shows_rows_and_counts_and_bad_manifests_are_listed(qtbot, window, manifest, tmp_path):  # noqa: F811
+    dlg = setup_dialog(window, manifest, tmp_path / "run")
+    assert dlg.preview.rowCount() == 8
+    assert "train: 3 normal, 3 tumor" in dlg.counts_label.text()
+    bad = tmp_path / "bad.csv"
+    bad.write_text("slide,label\nmissing.png,tumor\n")
+    assert not dlg.load_manifest(str(bad))
+    assert "missing.png: file not found" in dlg.log.toPlainText()
+    assert not dlg.start_button.isEnabled()
+
+
+def test_two_epochs_draw_curves_and_open_the_best_checkpoint(qtbot, window, manifest, tmp_path):  # noqa: F811
+    dlg = setup_dialog(window, manifest, tmp_path / "run")
+    with qtbot.waitSignal(dlg.engine.done, timeout=TRAIN_TIMEOUT_MS):
+        qtbot.mouseClick(dlg.start_button, Qt.MouseButton.LeftButton)
+    assert dlg.status_label.text() == "Finished"
+    xs, ys = dlg.train_curve.getData()
+    assert list(xs) == [1.0, 2.0] and len(dlg.auc_curve.getData()[0]) == 2
+    assert "epoch 2" in dlg.log.toPlainText()
+    assert dlg.open_button.isEnabled()
+    qtbot.mouseClick(dlg.open_button, Qt.MouseButton.LeftButton)
+    assert window.models_panel.model_combo.currentText() == "fake"
+    assert window.models_panel.checkpoint() == str(tmp_path / "run" / "best.pt")
+
+
+def test_stop_keeps_a_resumable_checkpoint(qtbot, window, manifest, tmp_path, monkeypatch):  # noqa: F811
+    import tests.fake_model as fm
+
+    monkeypatch.setattr(fm, "PRESETS", {**fm.PRESETS, "tiny": fm.FakeConfig(seconds=0.0)})
+    dlg = setup_dialog(window, manifest, tmp_path / "run", epochs=50)
+    qtbot.mouseClick(dlg.start_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: len(dlg._history) >= 1, timeout=TRAIN_TIMEOUT_MS)
+    with qtbot.waitSignal(dlg.engine.done, timeout=TRAIN_TIMEOUT_MS):
+        qtbot.mouseClick(dlg.stop_button, Qt.MouseButton.LeftButton)
+    assert dlg.result.cancelled
+    assert (tmp_path / "run" / "last.pt").exists()
+    assert dlg.start_button.isEnabled()
