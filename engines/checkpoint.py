@@ -1,0 +1,288 @@
+"""Checkpoints: one ``torch.save`` file of tensors and plain data, loaded with
+``weights_only=True`` so a file from elsewhere can never run code.
+
+Keys: ``format``, ``model``, ``preset``, ``config`` (the model config as a dict), ``classes``,
+``state_dict``, ``train`` (epoch, metrics, seed, ...), and optionally ``optimizer``,
+``scheduler`` and ``extra``. Written to a temporary file and renamed over the target.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import os
+import pickle
+import tempfile
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from engines import registry
+
+CHECKPOINT_FORMAT = 1
+REQUIRED_KEYS = ("format", "model", "preset", "config", "classes", "state_dict")
+
+
+class CheckpointError(Exception):
+    """A checkpoint could not be read or does not fit; the message is meant for the user."""
+
+
+# ---------------------------------------------------------------------------------------
+# Saving
+# ---------------------------------------------------------------------------------------
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: torch.nn.Module,
+    *,
+    train: Mapping[str, Any] | None = None,
+    optimizer: Mapping[str, Any] | None = None,
+    scheduler: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` (and training state) to ``path`` atomically; returns the path."""
+    name = str(getattr(model, "name", "") or "")
+    if not name:
+        raise CheckpointError(f"{type(model).__name__} has no registry name; it cannot be checkpointed")
+    data: dict[str, Any] = {
+        "format": CHECKPOINT_FORMAT,
+        "model": name,
+        "preset": str(getattr(model, "preset", "custom")),
+        "config": _plain(_config_dict(getattr(model, "config", None)), "config"),
+        "classes": [str(c) for c in getattr(model, "classes", [])],
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "train": _plain(dict(train), "train") if train is not None else {},
+    }
+    for key, value in (("optimizer", optimizer), ("scheduler", scheduler), ("extra", extra)):
+        if value is not None:
+            data[key] = _plain(dict(value), key)
+    target = Path(path)
+    _save_atomic(target, data)
+    return target
+
+
+_SCALARS = (type(None), bool, int, float, str, torch.dtype, torch.device)
+
+
+def _plain(value: Any, where: str) -> Any:
+    """``value`` as data a ``weights_only`` load accepts: numpy becomes Python numbers or
+    tensors, paths become strings; anything else is refused now rather than written into a
+    file that could not be loaded back."""
+    if isinstance(value, np.generic):  # first: np.float64 is also a float
+        return value.item()
+    if isinstance(value, _SCALARS):
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(value).copy())
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, Mapping):
+        return {k: _plain(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return items if isinstance(value, list) else tuple(items)
+    raise CheckpointError(f"cannot store {where} of type {type(value).__name__} in a checkpoint "
+                          "(only tensors, numbers, strings, lists and dicts)")
+
+
+def _config_dict(config: Any) -> dict[str, Any]:
+    if config is None:
+        return {}
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        return dataclasses.asdict(config)
+    if isinstance(config, Mapping):
+        return dict(config)
+    raise CheckpointError(f"model config of type {type(config).__name__} is not a dataclass or dict")
+
+
+def _save_atomic(target: Path, data: dict[str, Any]) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(data, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+# ---------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------
+def checkpoint_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of the file, as recorded in traces."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read_bytes(path: Path) -> bytes:
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if not data:
+        raise CheckpointError(f"{path.name}: the checkpoint file is empty")
+    return data
+
+
+def _load_bytes(name: str, data: bytes) -> Any:
+    # torch.save writes a zip archive (current) or a bare pickle (legacy, protocol 2+).
+    if not (data.startswith(b"PK\x03\x04") or data[:1] == b"\x80"):
+        raise CheckpointError(f"{name}: not a PyTorch checkpoint (unknown file type)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # protocol notices are noise for the user
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only" in str(exc).lower() or "weights_only" in str(exc).lower():
+            raise CheckpointError(
+                f"{name}: refused: it holds Python objects other than tensors and plain data "
+                "(it may run code when unpickled), so it is not loaded"
+            ) from None
+        raise CheckpointError(f"{name}: not a PyTorch checkpoint ({_first_line(exc)})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError,
+            IndexError, TypeError, AttributeError, UnicodeDecodeError) as exc:
+        # Truncated zips, foreign files and corrupt records surface as any of these.
+        raise CheckpointError(f"{name}: damaged or not a PyTorch checkpoint ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    if not text or isinstance(exc, KeyError):
+        return type(exc).__name__
+    # First sentence of the first line: torch appends long advice after it.
+    return text.splitlines()[0].split(". ")[0][:160]
+
+
+def _validate(name: str, ckpt: Any) -> dict[str, Any]:
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{name}: not a MagLens checkpoint (holds a {type(ckpt).__name__})")
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        if all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+            raise CheckpointError(
+                f"{name}: holds bare weights, not a MagLens checkpoint (no model name or config)"
+            )
+        raise CheckpointError(f"{name}: not a MagLens checkpoint (missing {', '.join(missing)})")
+    fmt = ckpt["format"]
+    if not isinstance(fmt, int) or isinstance(fmt, bool):
+        raise CheckpointError(f"{name}: not a MagLens checkpoint (format {fmt!r})")
+    if fmt > CHECKPOINT_FORMAT or fmt < 1:
+        raise CheckpointError(
+            f"{name}: checkpoint format {fmt} is not supported (this MagLens reads format "
+            f"{CHECKPOINT_FORMAT}); update MagLens"
+        )
+    if not isinstance(ckpt["model"], str) or not isinstance(ckpt["preset"], str):
+        raise CheckpointError(f"{name}: model and preset must be names")
+    if not isinstance(ckpt["config"], dict):
+        raise CheckpointError(f"{name}: config is not a dict")
+    classes = ckpt["classes"]
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise CheckpointError(f"{name}: classes must be a non-empty list of names")
+    sd = ckpt["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{name}: state_dict is not a dict of tensors")
+    return ckpt
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint's dict; ``CheckpointError`` for anything that is not a valid one."""
+    return _load(Path(path))[0]
+
+
+def _load(path: Path) -> tuple[dict[str, Any], str]:
+    data = _read_bytes(path)
+    ckpt = _validate(path.name, _load_bytes(path.name, data))
+    return ckpt, hashlib.sha256(data).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------
+# Rebuilding a model
+# ---------------------------------------------------------------------------------------
+def _is_weights_file_setting(key: str, value: Any) -> bool:
+    # Pretrained-weight files are replaced by the checkpoint's own tensors, so a rebuild
+    # must not need them (they may not exist on this machine).
+    return isinstance(value, str) and (key == "weights" or key.endswith(("_weights", "weights_path")))
+
+
+def _rebuild_config_values(name: str, preset: str, config: dict[str, Any]) -> dict[str, Any]:
+    base = registry.config_for(name, preset)
+    defaults = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if _is_weights_file_setting(key, value):
+            value = None
+        default = defaults.get(key)
+        # asdict() flattened nested config dataclasses; restore them.
+        if isinstance(value, dict) and dataclasses.is_dataclass(default):
+            value = dataclasses.replace(default, **value)
+        elif isinstance(value, list) and isinstance(default, tuple):
+            value = tuple(value)
+        out[key] = value
+    return out
+
+
+def model_from_checkpoint(path_or_dict: str | os.PathLike | Mapping[str, Any],
+                          expect_model: str | None = None) -> torch.nn.Module:
+    """Build the checkpoint's model with its preset and config, and load its weights strictly.
+
+    ``expect_model`` refuses a checkpoint of another model. A model built from a file gets
+    ``checkpoint_sha256`` set (``None`` when built from a dict)."""
+    if isinstance(path_or_dict, Mapping):
+        label = "checkpoint"
+        ckpt, sha = _validate(label, dict(path_or_dict)), None
+    else:
+        label = Path(path_or_dict).name
+        ckpt, sha = _load(Path(path_or_dict))
+    name, preset = ckpt["model"], ckpt["preset"]
+    if expect_model is not None and name != expect_model:
+        raise CheckpointError(
+            f"{label} is a checkpoint of model {name!r}, not of {expect_model!r}"
+        )
+    if name not in registry.list_models():
+        raise CheckpointError(
+            f"{label} is for model {name!r}, which this MagLens does not have "
+            f"(it has {', '.join(registry.list_models())})"
+        )
+    try:
+        known = registry.presets(name)
+        base_preset = preset if preset in known else known[0]
+        config = _rebuild_config_values(name, base_preset, ckpt["config"])
+        model = registry.create(name, base_preset, classes=list(ckpt["classes"]), **config)
+    except registry.UnknownModelError as exc:
+        raise CheckpointError(f"{label}: does not fit this version of {name!r} ({exc})") from None
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{label}: its {name} config cannot be used ({_first_line(exc)})") from None
+    model.preset = preset
+    try:
+        model.load_state_dict(ckpt["state_dict"], strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"{label}: weights do not fit model {name!r} (preset {preset!r}): {_state_mismatch(exc)}"
+        ) from None
+    model.checkpoint_sha256 = sha
+    return model
+
+
+def _state_mismatch(exc: RuntimeError) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    detail = lines[1] if len(lines) > 1 else (lines[0] if lines else "mismatch")
+    return detail[:200]
