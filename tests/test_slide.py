@@ -107,6 +107,22 @@ def test_best_level_is_just_finer():
         assert s.best_level_for_downsample(1e9) == len(ds) - 1
 
 
+def test_reads_for_a_stretched_grid_use_the_nearly_matching_level(monkeypatch):
+    # A grid stretched to fit the slide asks for 0.5 % less than a level's downsample: the
+    # read takes that level (not one 4x larger) and still returns the exact rectangle.
+    with Slide(DATA / "test3-DAPI-2.ndpi") as s:
+        ds2 = s.levels[2].downsample
+        assert s.best_level_for_downsample(ds2 * 0.995) == 1
+        assert s.read_level_for(ds2 * 0.995) == 2
+        assert s.read_level_for(ds2 * 0.95) == 1
+        used = []
+        real = s.read_region
+        monkeypatch.setattr(s, "read_region", lambda level, *a: used.append(level) or real(level, *a))
+        w = round(400 / (ds2 * 0.995))
+        out = s.read_rect((800, 800, 400, 400), w, w)
+        assert used == [2] and out.shape == (w, w, 3)
+
+
 @pytest.mark.parametrize("path", BAD_SLIDES, ids=lambda p: p.name)
 def test_bad_files_raise_slide_error(path):
     with pytest.raises(SlideError) as err:

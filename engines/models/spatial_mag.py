@@ -213,7 +213,7 @@ def read_bounded(view: SlideView, rect: Rect, out_w: int, out_h: int) -> np.ndar
     x, y, w, h = rect
     slide = view.slide
     ds = max(min(w / out_w, h / out_h), 1e-9)
-    level_ds = slide.levels[slide.best_level_for_downsample(ds)].downsample
+    level_ds = slide.levels[slide.read_level_for(ds)].downsample
     source = (w / level_ds) * (h / level_ds)
     n = min(math.ceil(math.sqrt(source / MAX_READ_PIXELS)), out_w, out_h)
     if n <= 1:

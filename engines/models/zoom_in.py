@@ -241,7 +241,7 @@ class ZoomInNet(SlideModel):
         # Bands bound both the network's input and the pixels decoded from the pyramid level
         # the read will use, so progress comes often even on single-level slides.
         slide = view.slide
-        level = slide.best_level_for_downsample(max(grid.cell[0] / p1, 1e-9))
+        level = slide.read_level_for(grid.cell[0] / p1)
         ds = slide.levels[level].downsample
         row_source = grid.cols * grid.cell[0] * grid.cell[1] / (ds * ds)
         band_rows = max(1, min(self.config.stage1_band_pixels // (grid.cols * p1 * p1),
