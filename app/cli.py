@@ -1,6 +1,7 @@
 """The ``maglens`` command line (also ``python -m app``).
 
-``maglens [view] [SLIDE]`` opens the viewer; ``info`` and ``infer`` work headless. Each
+``maglens [view] [SLIDE]`` opens the viewer; ``info``, ``infer``, ``train``, ``synth`` and
+``snapshot`` work headless (``train`` also under ``torchrun``, one process per rank). Each
 subcommand is one entry in ``COMMANDS`` (a name, a function that adds its arguments, and a
 handler returning the exit code), so new ones plug in without touching the dispatch.
 
@@ -10,10 +11,12 @@ Heavy modules (torch, Qt) are imported inside the handlers that need them.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
 import re
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -80,6 +83,16 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def seed_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: seeds are 0 or more")
     return value
 
 
@@ -178,10 +191,12 @@ class ProgressPrinter:
     """A redrawn bar on a terminal; elsewhere a plain line per stage, at most every few
     seconds, so logs stay short."""
 
-    def __init__(self, stream: TextIO, tty: bool | None = None, every_s: float = 5.0) -> None:
+    def __init__(self, stream: TextIO, tty: bool | None = None, every_s: float = 5.0,
+                 label_width: int = 40) -> None:
         self.stream = stream
         self.tty = stream.isatty() if tty is None else tty
         self.every_s = every_s
+        self.label_width = label_width
         self._last_line = 0.0
         self._last_stage: str | None = None
         self._drawn = False
@@ -193,7 +208,9 @@ class ProgressPrinter:
             width = 30
             fill = round(width * done / total)
             bar = "#" * fill + "-" * (width - fill)
-            self.stream.write(f"\r[{bar}] {100 * done // total:3d}% {stage[:40]:<40}")
+            # A line wider than the terminal wraps, and "\r" then redraws only its tail.
+            room = max(10, min(self.label_width, shutil.get_terminal_size((120, 24)).columns - 38))
+            self.stream.write(f"\r[{bar}] {100 * done // total:3d}% {stage[:room]:<{room}}")
             self.stream.flush()
             self._drawn = True
             return
@@ -230,36 +247,37 @@ def cmd_infer(args: argparse.Namespace) -> int:
         slide.close()
 
 
-def _infer(args: argparse.Namespace, slide) -> int:
+def _model_for(args: argparse.Namespace, cmd: str):
+    """The model of ``--checkpoint`` (checked against ``--model``/``--preset``), or a fresh
+    ``--model`` at ``--preset`` (default tiny) with a warning; returns (model, sha256 or None).
+    Shared by ``infer`` and ``snapshot`` so both treat checkpoints alike."""
     import torch
 
-    from engines import infer, registry
+    from engines import registry
     from engines.checkpoint import model_from_checkpoint
-    from engines.trace import Progress
 
-    if args.roi is not None:
-        try:
-            infer.check_roi(args.roi, slide)
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
-    if args.threads:
+    if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
-
     if args.checkpoint is not None:
         model = model_from_checkpoint(args.checkpoint, expect_model=args.model)
         if args.preset is not None and args.preset != model.preset:
             raise UsageError(
                 f"--preset {args.preset} conflicts with the checkpoint, which holds preset {model.preset}"
             )
-        sha = model.checkpoint_sha256
-    else:
-        model = registry.create(args.model, args.preset or "tiny")
-        sha = None
-        print(
-            f"{PROG} infer: warning: no --checkpoint: {args.model} runs with its initial "
-            "(untrained) weights and the trace records checkpoint null",
-            file=sys.stderr,
-        )
+        return model, model.checkpoint_sha256
+    model = registry.create(args.model, args.preset or "tiny")
+    print(
+        f"{PROG} {cmd}: warning: no --checkpoint: {args.model} runs with its initial "
+        "(untrained) weights and the trace records checkpoint null",
+        file=sys.stderr,
+    )
+    return model, None
+
+
+def _run_model(model, slide, roi, sha: str | None):
+    """``engines.infer.run`` with a progress bar on stderr; returns the Trace."""
+    from engines import infer
+    from engines.trace import Progress
 
     bar = ProgressPrinter(sys.stderr)
 
@@ -268,9 +286,21 @@ def _infer(args: argparse.Namespace, slide) -> int:
             bar.update(event.done, event.total, event.stage)
 
     try:
-        trace = infer.run(model, slide, on_event=on_event, roi=args.roi, checkpoint_id=sha)
+        return infer.run(model, slide, on_event=on_event, roi=roi, checkpoint_id=sha)
     finally:
         bar.finish()
+
+
+def _infer(args: argparse.Namespace, slide) -> int:
+    from engines import infer
+
+    if args.roi is not None:
+        try:
+            infer.check_roi(args.roi, slide)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    model, sha = _model_for(args, "infer")
+    trace = _run_model(model, slide, args.roi, sha)
     if args.out:
         trace.save(args.out)
     if args.geojson:
@@ -284,6 +314,330 @@ def _infer(args: argparse.Namespace, slide) -> int:
         + (f"; trace written to {args.out}" if args.out else ""),
         file=sys.stderr,
     )
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------
+# train
+# ---------------------------------------------------------------------------------------
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number")
+    return value
+
+
+def _configure_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("manifest", help="CSV with slide,label[,split] (paths relative to it)")
+    p.add_argument("--model", required=True, help="model name")
+    p.add_argument("--preset", default="tiny", help="model preset (default tiny)")
+    p.add_argument("--epochs", type=positive_int, default=10, metavar="N", help="epochs (default 10)")
+    p.add_argument("--out", default="runs/train", metavar="DIR",
+                   help="run folder for checkpoints and metrics (default runs/train)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    p.add_argument("--init", metavar="CHECKPOINT", help="fine-tune from these weights")
+    p.add_argument("--freeze-backbone", action="store_true", help="train only the layers after the backbone")
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="learning rate (default 0.001)")
+    p.add_argument("--accumulation", "--batch", type=positive_int, dest="accumulation", metavar="N",
+                   help="slides per optimiser step (gradient accumulation; default: the preset's)")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the split, order and augmentation")
+    p.add_argument("--threads", type=positive_int, metavar="N", help="torch threads per process")
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def _check_train_args(args: argparse.Namespace) -> None:
+    """Everything that can be checked before torch loads and the processes meet."""
+    _check_model_name(args.model)
+    _existing_file(args.manifest, "manifest")
+    if args.resume and args.init:
+        raise UsageError("--resume continues a run and --init starts one: give one of them")
+    if args.init:
+        _existing_file(args.init, "--init checkpoint")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {args.out} is a file; give a folder")
+    if args.resume and not (out / "last.pt").is_file():
+        raise UsageError(f"--resume: {out / 'last.pt'} does not exist (nothing to resume)")
+    if not args.resume and (out / "last.pt").exists():
+        # A new run would overwrite the checkpoints and mix its metrics into the old ones.
+        raise UsageError(f"--out {args.out} already holds a run (last.pt); "
+                         "add --resume to continue it or choose another folder")
+
+
+class _CancelOnSignal:
+    """While active, the first Ctrl+C (or SIGTERM, which torchrun forwards) asks the trainer
+    to stop at the next step and keep a resumable last.pt; a second Ctrl+C quits at once."""
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self, control, quiet: bool = False) -> None:
+        self.control = control
+        self.quiet = quiet  # under torchrun every rank gets the signal; rank 0 speaks
+        self.previous: dict[int, object] = {}
+        self.asked = False
+
+    def __enter__(self) -> "_CancelOnSignal":
+        import signal
+
+        for name in self.SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is None:
+                continue
+            try:
+                self.previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no handlers, the run is not cancellable
+                break
+        return self
+
+    def _handle(self, signum, _frame) -> None:
+        import signal
+
+        if self.asked and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.asked = True
+        self.control.cancel()
+        if self.quiet:
+            return
+        # os.write, not print: a signal can land in the middle of the bar's own write.
+        try:
+            os.write(sys.stderr.fileno(), b"\nstopping after this step (Ctrl+C again to quit now)\n")
+        except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+            pass
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for sig, handler in self.previous.items():
+            # None: a handler set outside Python, which cannot be put back; the default is.
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # type: ignore[arg-type]
+
+
+@command("train", "train or fine-tune a model from a manifest (also under torchrun)", _configure_train)
+def cmd_train(args: argparse.Namespace) -> int:
+    _check_train_args(args)
+    from engines.train import init_distributed
+
+    rank, world = init_distributed()  # a no-op unless torchrun started several processes
+    try:
+        return _train(args, rank, world)
+    finally:
+        if world > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def _train(args: argparse.Namespace, rank: int, world: int) -> int:
+    from engines.data import ManifestError
+    from engines.train import EpochEvent, LogEvent, StepEvent, TrainConfig, TrainControl, train
+
+    cfg = TrainConfig(manifest=args.manifest, model=args.model, preset=args.preset, out=args.out,
+                      epochs=args.epochs, lr=args.lr, accumulation=args.accumulation, seed=args.seed,
+                      resume=args.resume, init=args.init, freeze_backbone=args.freeze_backbone,
+                      threads=args.threads)
+    bar = ProgressPrinter(sys.stderr, label_width=72)  # only rank 0 gets events to draw
+
+    started = [False]
+
+    def on_event(event) -> None:
+        if isinstance(event, StepEvent):
+            started[0] = True
+            losses = " ".join(f"{k} {v:.3f}" for k, v in event.losses.items())
+            bar.update((event.epoch - 1) * event.steps + event.step, event.epochs * event.steps,
+                       f"epoch {event.epoch}/{event.epochs} step {event.step}/{event.steps} "
+                       f"ETA {_duration(event.eta_s)} {losses}")
+        elif isinstance(event, EpochEvent):
+            bar.finish()
+            m = event.metrics
+            shown = "  ".join(f"{k} {m[k]:.4g}" for k in
+                              ("train_loss", "val_loss", "val_accuracy", "val_auroc", "lr") if k in m)
+            print(f"epoch {int(m.get('epoch', event.epoch))}/{cfg.epochs}: {shown}"
+                  + ("  (best)" if event.best else ""), flush=True)
+        elif isinstance(event, LogEvent) and not event.message.startswith("epoch "):
+            # Epoch summaries are logged too; the EpochEvent line above already shows them.
+            bar.finish()
+            print(f"{PROG} train: {event.message}", file=sys.stderr, flush=True)
+
+    control = TrainControl()
+    out = Path(args.out)
+    fresh_out = not out.exists()
+    try:
+        try:
+            with _CancelOnSignal(control, quiet=rank != 0):
+                result = train(cfg, on_event=on_event, control=control)
+        finally:
+            bar.finish()
+            if fresh_out and rank == 0:
+                _remove_if_empty(out)  # the trainer makes the folder first: leave no empty one
+    except ManifestError as exc:
+        if rank == 0:  # every process read the same manifest: list its problems once
+            print(f"{PROG} train: error: manifest {args.manifest} has {len(exc.problems)} problem(s):",
+                  file=sys.stderr)
+            for problem in exc.problems:
+                print(f"  {problem}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (FileNotFoundError, ValueError) as exc:
+        # Before the first step these come from the trainer's own checks of the manifest and
+        # checkpoints (e.g. an --init checkpoint with other classes): bad input, not a failure.
+        if started[0]:
+            raise
+        raise UsageError(str(exc)) from None
+    if rank != 0:
+        return EXIT_FAILED if result.cancelled else EXIT_OK
+    if result.cancelled:
+        print(f"{PROG} train: stopped; {out / 'last.pt'} keeps the run. Continue with: "
+              f"{PROG} train {args.manifest} --model {args.model} --out {args.out} "
+              f"--epochs {args.epochs} --resume", file=sys.stderr)
+        return EXIT_FAILED
+    if args.resume and not started[0]:
+        print(f"{PROG} train: nothing left to train: the run in {out} already has "
+              f"{len(result.history)} epoch(s); give a larger --epochs to go on", file=sys.stderr)
+        return EXIT_OK
+    best = f"best.pt from epoch {_best_epoch(result.history)}" if result.history else "no epochs run"
+    print(f"{PROG} train: {result.epochs_done} epoch(s) done ({best}); checkpoints {out / 'last.pt'}, "
+          f"{out / 'best.pt'}; metrics {out / 'metrics.jsonl'}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()  # fails, harmlessly, unless the folder is empty
+    except OSError:
+        pass
+
+
+def _best_epoch(history: list[dict[str, float]]) -> int:
+    """The epoch best.pt holds, by the trainer's rule: highest val AUROC, else lowest loss."""
+    def key(m: dict[str, float]) -> float:
+        v = m.get("val_auroc", float("nan"))
+        return v if not math.isnan(v) else -m.get("val_loss", m.get("train_loss", 0.0))
+
+    best = history[0]
+    for m in history[1:]:
+        if key(m) > key(best):
+            best = m
+    return int(best.get("epoch", 0))
+
+
+# ---------------------------------------------------------------------------------------
+# synth
+# ---------------------------------------------------------------------------------------
+def _configure_synth(p: argparse.ArgumentParser) -> None:
+    p.add_argument("outdir", help="folder for the slides, masks, manifest.csv and needles.json")
+    p.add_argument("--slides", type=positive_int, default=20, metavar="N", help="slides to make (default 20)")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed (the same seed makes the same data)")
+    p.add_argument("--size", type=positive_int, default=8192, metavar="PX",
+                   help="level-0 side in pixels (default 8192)")
+
+
+SYNTH_SIZES = (256, 32768)  # below: too small for needles; above: the image no longer fits memory
+
+
+@command("synth", "write synthetic needle-in-a-haystack slides and a manifest", _configure_synth)
+def cmd_synth(args: argparse.Namespace) -> int:
+    if args.slides < 2:
+        raise UsageError("--slides must be at least 2 (one of each class)")
+    lo, hi = SYNTH_SIZES
+    if not lo <= args.size <= hi:
+        raise UsageError(f"--size must be {lo}..{hi} pixels, got {args.size}")
+    out = Path(args.outdir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{args.outdir} is a file; give a folder")
+    from engines.synth import SynthConfig, generate
+
+    bar = ProgressPrinter(sys.stderr)
+
+    def on_progress(done: int, total: int, name: str) -> None:
+        bar.update(done, total, f"slide {min(done + 1, total)}/{total} {name}" if done < total else "done")
+
+    try:
+        made = generate(out, slides=args.slides, seed=args.seed, cfg=SynthConfig(size=args.size),
+                        on_progress=on_progress)
+    finally:
+        bar.finish()
+    positives = sum(s.label == "tumor" for s in made)
+    print(f"{len(made)} slides ({positives} tumor, {len(made) - positives} normal) in {out}")
+    print(f"manifest: {out / 'manifest.csv'}")
+    print(f"needles: {out / 'needles.json'}")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------
+# snapshot
+# ---------------------------------------------------------------------------------------
+def _size_arg(text: str) -> tuple[int, int]:
+    from app.snapshot import parse_size  # no Qt at import time
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:  # argparse names the option itself
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--size ")) from None
+
+
+def _layers_arg(text: str) -> set[str]:
+    from app.snapshot import parse_layers
+
+    try:
+        return parse_layers(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--layers ")) from None
+
+
+def _configure_snapshot(p: argparse.ArgumentParser) -> None:
+    p.add_argument("slide", help="slide file")
+    p.add_argument("--model", help="model name (optional with --checkpoint, which names it)")
+    p.add_argument("--checkpoint", help="trained weights; without one the model is untrained")
+    p.add_argument("--preset", help="model preset (default tiny; a checkpoint fixes its own)")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--view", type=parse_rect, metavar="X,Y,W,H",
+                   help="level-0 rectangle to show (default: the whole slide)")
+    p.add_argument("--size", type=_size_arg, default=(1600, 1000), metavar="WxH",
+                   help="image size in pixels (default 1600x1000)")
+    p.add_argument("--layers", type=_layers_arg, default=None, metavar="LIST",
+                   help="overlays to draw: any of boxes,maps,trail, or none (default all)")
+    p.add_argument("--threads", type=positive_int, metavar="N", help="torch threads")
+
+
+@command("snapshot", "run a model and save the view with its overlays as PNG", _configure_snapshot)
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    if args.model is None and args.checkpoint is None:
+        raise UsageError("snapshot needs --model NAME (or --checkpoint FILE, which names its model)")
+    _check_model_name(args.model)
+    _writable_target(args.out, "--out")
+    if args.checkpoint is not None:
+        _existing_file(args.checkpoint, "checkpoint")
+
+    from engines.slide import Slide
+
+    slide = Slide(args.slide)
+    try:
+        if args.view is not None:
+            x, y, w, h = args.view
+            if x >= slide.width or y >= slide.height or x + w <= 0 or y + h <= 0:
+                raise UsageError(f"--view {x:g},{y:g},{w:g},{h:g} lies outside the "
+                                 f"{slide.width}x{slide.height} slide")
+        model, sha = _model_for(args, "snapshot")
+        trace = _run_model(model, slide, None, sha)
+        from app.snapshot import LAYER_NAMES, render_trace
+
+        layers = set(LAYER_NAMES) if args.layers is None else args.layers
+        path = render_trace(slide, trace, args.out, args.size, view=args.view, layers=layers)
+    finally:
+        slide.close()
+    print(f"prediction: {trace.prediction}  "
+          + "  ".join(f"{c}={p:.3f}" for c, p in zip(trace.classes, trace.probs)))
+    print(f"{PROG} snapshot: {args.size[0]}x{args.size[1]} figure "
+          f"({', '.join(sorted(layers)) or 'no overlays'}) written to {path}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -331,7 +685,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     where = PROG
     try:
         args = build_parser().parse_args(_with_default_command(argv))
-        where = f"{PROG} {args.command}"
+        where = f"{PROG} {args.command}" + _rank_tag()
         return int(args.handler(args))
     except KeyboardInterrupt:
         print(f"{where}: interrupted", file=sys.stderr)
@@ -352,6 +706,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{where}: failed: {type(exc).__name__}: {_one_line(exc)} "
               "(set MAGLENS_DEBUG=1 for details)", file=sys.stderr)
         return EXIT_FAILED
+
+
+def _rank_tag() -> str:
+    """Under torchrun every process reports its own errors; say which one speaks."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        return f" [rank {os.environ.get('RANK', '?')}]"
+    return ""
 
 
 def _one_line(exc: BaseException) -> str:

@@ -22,21 +22,26 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def parse_layers(text: str | None) -> set[str]:
+    """``boxes,maps,trail`` (any of them), ``none`` for the bare slide; all when empty."""
     if not text:
         return set(LAYER_NAMES)
+    if text.strip().lower() == "none":
+        return set()
     chosen = {t.strip() for t in text.split(",") if t.strip()}
     bad = chosen - set(LAYER_NAMES)
     if bad:
-        raise ValueError(f"--layers takes {', '.join(LAYER_NAMES)}; unknown: {', '.join(sorted(bad))}")
+        raise ValueError(f"--layers takes {', '.join(LAYER_NAMES)} or none; unknown: {', '.join(sorted(bad))}")
     return chosen
 
 
 def render_trace(slide: Slide, trace: Trace, out: str | os.PathLike, size: tuple[int, int],
                  view: tuple[float, float, float, float] | None = None,
                  layers: set[str] | None = None) -> Path:
-    """Draw ``trace`` over ``slide`` and save a PNG atomically; returns the path."""
-    if not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY"):
-        os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")  # no screen needed
+    """Draw ``trace`` over ``slide`` and save a PNG atomically; returns the path.
+    ``layers`` None draws all; an empty set draws the slide alone."""
+    # Offscreen even where a display exists: nothing is shown, and a stale DISPLAY (ssh)
+    # must not fail a headless command. An app already running keeps its own platform.
+    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
     from PySide6.QtWidgets import QApplication
 
     from app.main_window import _save_png_atomic
@@ -45,7 +50,7 @@ def render_trace(slide: Slide, trace: Trace, out: str | os.PathLike, size: tuple
     from viewer.trace_layers import TraceLayers
 
     app = QApplication.instance() or QApplication([])
-    layers = layers or set(LAYER_NAMES)
+    layers = set(LAYER_NAMES) if layers is None else layers
     canvas = SlideCanvas()
     try:
         canvas.resize(*size)

@@ -158,7 +158,7 @@ def _available(name: str) -> str | None:
 
 
 def bench(models: list[str], presets: list[str], sizes: list[str], threads: int, timeout: float,
-          ll_side: int, log, train: bool = True) -> dict:
+          ll_side: int, log, train: bool = True, ll_preset: str = "paper") -> dict:
     from engines import registry
 
     slides = {s: synthetic_slide(SIZES[s]) for s in sizes}
@@ -196,7 +196,6 @@ def bench(models: list[str], presets: list[str], sizes: list[str], threads: int,
                                      f"{r['tiles']} tissue tiles")
             result["models"][name][preset] = row
 
-    ll_preset = presets[0]
     why = _available("local_learning")
     if not train or "local_learning" not in models:
         notes.append("local_learning_train_peak_mb: not measured in this run")
@@ -233,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=max(1, min(4, os.cpu_count() or 1)))
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per measurement")
     p.add_argument("--ll-side", type=int, default=3072, help="local-learning training input side")
+    p.add_argument("--ll-preset", default="paper",
+                   help="local-learning preset for the training memory (default paper: ResNet-34, "
+                        "the network the paper's memory figures are for)")
     p.add_argument("--no-train", action="store_true", help="skip the local-learning training memory")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--child-infer", nargs=3, metavar=("MODEL", "PRESET", "SLIDE"), help=argparse.SUPPRESS)
@@ -258,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             print(msg, file=sys.stderr, flush=True)
 
     print(json.dumps(bench(models, a.presets, a.sizes, a.threads, a.timeout, a.ll_side, log,
-                           train=not a.no_train), indent=1))
+                           train=not a.no_train, ll_preset=a.ll_preset), indent=1))
     return 0
 
 

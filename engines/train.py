@@ -157,8 +157,9 @@ def init_distributed() -> tuple[int, int]:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        # gloo even on GPU machines: the trainer keeps models on the CPU, and NCCL only
+        # reduces CUDA tensors.
+        dist.init_process_group("gloo")
     return _dist_info()
 
 
@@ -244,6 +245,17 @@ class Trainer:
                 sched.load_state_dict(resume_ckpt["scheduler"])
         return model, opt, sched, resume_ckpt
 
+    def _cancel_agreed(self) -> bool:
+        """Whether to stop before this step. Under DDP all ranks must stop at the same step
+        (one left running would wait forever at the next gradient all-reduce), and a signal
+        reaches them at slightly different steps: so one asking stops them all."""
+        flag = self.control.cancelled
+        if self.world > 1:
+            t = torch.tensor([1.0 if flag else 0.0])
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = bool(t.item())
+        return flag
+
     def _save(self, name: str, model, opt, sched, state: dict[str, Any]) -> None:
         from engines.checkpoint import save_checkpoint
 
@@ -302,7 +314,7 @@ class Trainer:
                 n_loss = int((resume.get("train") or {}).get("n_loss", 0))
             for step in range(first, steps):
                 self.control.wait_if_paused()
-                if self.control.cancelled and step % accum == 0:
+                if step % accum == 0 and self._cancel_agreed():
                     state = {"epoch": epoch, "step": step, "history": history, "best": best,
                              "seed": cfg.seed, "torch_rng": torch.get_rng_state(),
                              "run_loss": run_loss, "n_loss": n_loss}
