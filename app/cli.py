@@ -127,6 +127,28 @@ def _check_model_name(name: str | None) -> None:
         raise UsageError(f"unknown model {name!r}; choose one of {', '.join(registry.list_models())}")
 
 
+def _add_backbone_weights(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backbone-weights", metavar="FILE",
+                   help="local ImageNet weights for the backbone of an untrained model "
+                        "(nothing is downloaded; without it the backbone starts random)")
+
+
+def backbone_overrides(model: str | None, preset: str | None, weights: str | None) -> dict[str, str]:
+    """Config overrides that point the backbone of ``model`` at ``preset`` to a local weights file."""
+    if weights is None:
+        return {}
+    _existing_file(weights, "--backbone-weights")
+    from engines import registry
+
+    cfg = registry.config_for(model, preset or "tiny")
+    if not hasattr(cfg, "backbone_weights"):
+        raise UsageError(f"--backbone-weights: {model} has no pretrained backbone to load")
+    if getattr(cfg, "backbone", None) == "small":
+        raise UsageError(f"--backbone-weights: preset {preset or 'tiny'} of {model} uses a small CNN "
+                         "that has no ImageNet weights; use --preset paper")
+    return {"backbone_weights": str(Path(weights).resolve())}
+
+
 # ---------------------------------------------------------------------------------------
 # view
 # ---------------------------------------------------------------------------------------
@@ -185,6 +207,7 @@ def _configure_infer(p: argparse.ArgumentParser) -> None:
     p.add_argument("--roi", type=parse_rect, metavar="X,Y,W,H",
                    help="run on this level-0 rectangle only")
     p.add_argument("--threads", type=positive_int, metavar="N", help="torch threads")
+    _add_backbone_weights(p)
 
 
 class ProgressPrinter:
@@ -259,13 +282,16 @@ def _model_for(args: argparse.Namespace, cmd: str):
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     if args.checkpoint is not None:
+        if args.backbone_weights is not None:
+            raise UsageError("--backbone-weights is for untrained models; the checkpoint holds its own weights")
         model = model_from_checkpoint(args.checkpoint, expect_model=args.model)
         if args.preset is not None and args.preset != model.preset:
             raise UsageError(
                 f"--preset {args.preset} conflicts with the checkpoint, which holds preset {model.preset}"
             )
         return model, model.checkpoint_sha256
-    model = registry.create(args.model, args.preset or "tiny")
+    model = registry.create(args.model, args.preset or "tiny",
+                            **backbone_overrides(args.model, args.preset, args.backbone_weights))
     print(
         f"{PROG} {cmd}: warning: no --checkpoint: {args.model} runs with its initial "
         "(untrained) weights and the trace records checkpoint null",
@@ -345,6 +371,7 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
                    help="slides per optimiser step (gradient accumulation; default: the preset's)")
     p.add_argument("--seed", type=seed_int, default=0, help="seed of the split, order and augmentation")
     p.add_argument("--threads", type=positive_int, metavar="N", help="torch threads per process")
+    _add_backbone_weights(p)
 
 
 def _duration(seconds: float | None) -> str:
@@ -362,6 +389,9 @@ def _check_train_args(args: argparse.Namespace) -> None:
         raise UsageError("--resume continues a run and --init starts one: give one of them")
     if args.init:
         _existing_file(args.init, "--init checkpoint")
+    if args.backbone_weights is not None and (args.init or args.resume):
+        raise UsageError("--backbone-weights starts a new model; --init and --resume bring their own weights")
+    backbone_overrides(args.model, args.preset, args.backbone_weights)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {args.out} is a file; give a folder")
@@ -444,7 +474,8 @@ def _train(args: argparse.Namespace, rank: int, world: int) -> int:
     cfg = TrainConfig(manifest=args.manifest, model=args.model, preset=args.preset, out=args.out,
                       epochs=args.epochs, lr=args.lr, accumulation=args.accumulation, seed=args.seed,
                       resume=args.resume, init=args.init, freeze_backbone=args.freeze_backbone,
-                      threads=args.threads)
+                      threads=args.threads,
+                      overrides=backbone_overrides(args.model, args.preset, args.backbone_weights))
     bar = ProgressPrinter(sys.stderr, label_width=72)  # only rank 0 gets events to draw
 
     started = [False]
@@ -606,6 +637,7 @@ def _configure_snapshot(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=_layers_arg, default=None, metavar="LIST",
                    help="overlays to draw: any of boxes,maps,trail, or none (default all)")
     p.add_argument("--threads", type=positive_int, metavar="N", help="torch threads")
+    _add_backbone_weights(p)
 
 
 @command("snapshot", "run a model and save the view with its overlays as PNG", _configure_snapshot)
@@ -677,6 +709,9 @@ def _bad_input_types() -> tuple[type[BaseException], ...]:
     ck = sys.modules.get("engines.checkpoint")  # only loaded (with torch) when used
     if ck is not None:
         types.append(ck.CheckpointError)
+    bb = sys.modules.get("engines.models.backbones")
+    if bb is not None:
+        types.append(bb.BackboneWeightsError)
     return tuple(types)
 
 

@@ -1,0 +1,74 @@
+"""``--backbone-weights``: a local ImageNet weights file starts an untrained model's backbone;
+models or presets without such a backbone, and unreadable files, are refused in one line."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+
+from app import cli
+from engines import registry
+from tests.conftest import DATA, DEMO_SLIDE
+
+
+@pytest.fixture(scope="module")
+def resnet18_file(tmp_path_factory):
+    """A torchvision-shaped resnet18 state dict with a recognisable first filter."""
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    state["conv1.weight"] = torch.full_like(state["conv1.weight"], 0.125)
+    path = tmp_path_factory.mktemp("weights") / "resnet18-local.pth"
+    torch.save(state, path)
+    return path
+
+
+def call(capsys, *args) -> tuple[int, str, str]:
+    rc = cli.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_weights_file_reaches_the_backbone(resnet18_file):
+    overrides = cli.backbone_overrides("grid_attention", "paper", str(resnet18_file))
+    model = registry.create("grid_attention", "paper", **overrides)
+    conv1 = next(p for n, p in model.named_parameters() if n.endswith("0.weight") and p.shape[1] == 3)
+    assert torch.all(conv1 == 0.125)
+    fresh = registry.create("grid_attention", "paper")
+    conv1_fresh = next(p for n, p in fresh.named_parameters() if n.endswith("0.weight") and p.shape[1] == 3)
+    assert not torch.all(conv1_fresh == 0.125)
+
+
+def test_infer_runs_with_local_backbone_weights(capsys, resnet18_file):
+    rc, out, err = call(capsys, "infer", DATA / "small.svs", "--model", "grid_attention",
+                        "--preset", "paper", "--backbone-weights", resnet18_file)
+    assert rc == 0, err
+    assert "prediction:" in out
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--model", "zoom_in"], "no pretrained backbone"),
+    (["--model", "grid_attention", "--preset", "tiny"], "small CNN"),
+    (["--model", "grid_attention", "--preset", "paper", "--backbone-weights", "/nonexistent/w.pth"], "no such file"),
+])
+def test_models_without_a_backbone_and_missing_files_are_refused(capsys, resnet18_file, args, words):
+    if "--backbone-weights" not in args:
+        args = [*args, "--backbone-weights", str(resnet18_file)]
+    rc, _out, err = call(capsys, "infer", DEMO_SLIDE, *args)
+    assert rc == 2
+    assert words in err and len(err.strip().splitlines()) == 1
+
+
+def test_unreadable_weights_file_is_bad_input(capsys, tmp_path):
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a weights file")
+    rc, _out, err = call(capsys, "infer", DATA / "small.svs", "--model", "grid_attention",
+                         "--preset", "paper", "--backbone-weights", junk)
+    assert rc == 2
+    assert "junk.pth" in err and len(err.strip().splitlines()) == 1
+
+
+def test_weights_with_a_checkpoint_or_resume_are_refused(capsys, resnet18_file, tmp_path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("slide,label\n")
+    rc, _out, err = call(capsys, "train", manifest, "--model", "grid_attention", "--preset", "paper",
+                         "--resume", "--out", tmp_path, "--backbone-weights", resnet18_file)
+    assert rc == 2 and "starts a new model" in err
