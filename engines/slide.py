@@ -10,6 +10,7 @@ the slide come back as the background colour.
 """
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import threading
@@ -181,6 +182,20 @@ class Slide:
         out_h = max(1, round(self.height * scale))
         return self.read_rect((0, 0, self.width, self.height), out_w, out_h)
 
+    def read_region_xrgb(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """``read_region`` as HxW uint32 ``0xFFRRGGBB`` (the layout of Qt's RGB32 images), so a
+        viewer can wrap it without another conversion. OpenSlide writes this layout natively;
+        its RGBA round trip through Pillow is skipped, which is most of a tile's cost."""
+        if not 0 <= level < len(self.levels):
+            raise SlideError(f"{self.path.name}: level {level} does not exist")
+        if w <= 0 or h <= 0:
+            return np.full((max(h, 0), max(w, 0)), pack_xrgb(np.array([[BACKGROUND]], np.uint8))[0, 0], np.uint32)
+        direct = getattr(self._backend, "read_argb", None)
+        if direct is None:
+            return pack_xrgb(self.read_region(level, x, y, w, h))
+        argb = _guarded(self.path, lambda: direct(level, int(x), int(y), int(w), int(h)))
+        return _opaque_xrgb(argb)
+
     def close(self) -> None:
         self._backend.close()
 
@@ -203,7 +218,12 @@ def open_slide(path: str | os.PathLike) -> Slide:
 # ---------------------------------------------------------------------------------------
 class _OpenSlideBackend:
     def __init__(self, path: Path, osr) -> None:
+        from openslide import lowlevel
+
         self._osr = osr
+        # openslide_read_region itself (with its error check): it writes premultiplied ARGB,
+        # the layout Qt paints, which the public read_region converts to RGBA first.
+        self._c_read = getattr(lowlevel, "_read_region", None)
         self.levels = [
             Level(int(w), int(h), float(d))
             for (w, h), d in zip(osr.level_dimensions, osr.level_downsamples)
@@ -215,6 +235,15 @@ class _OpenSlideBackend:
     def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         rgba = self._osr.read_region((x, y), level, (w, h))
         return _rgb(rgba)
+
+    def read_argb(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """Premultiplied ARGB as OpenSlide's C reader writes it (HxW uint32)."""
+        handle = getattr(self._osr, "_osr", None)
+        if self._c_read is None or handle is None:  # openslide-python without that entry point
+            return pack_xrgb(self.read(level, x, y, w, h))
+        buf = np.empty((h, w), np.uint32)
+        self._c_read(handle, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint32)), x, y, level, w, h)
+        return buf
 
     def associated(self, name: str) -> Image.Image:
         return self._osr.associated_images[name]
@@ -327,6 +356,26 @@ def _guarded(path: Path, fn):
         raise
     except Exception as exc:  # noqa: BLE001 - OpenSlide/Pillow errors become SlideError
         raise SlideError(f"{path.name}: pixel data cannot be read ({_clean(exc)})") from None
+
+
+def pack_xrgb(rgb: np.ndarray) -> np.ndarray:
+    """HxWx3 uint8 to HxW uint32 0xFFRRGGBB."""
+    c = rgb.astype(np.uint32)
+    return np.uint32(0xFF000000) | (c[..., 0] << 16) | (c[..., 1] << 8) | c[..., 2]
+
+
+def _opaque_xrgb(argb: np.ndarray) -> np.ndarray:
+    """Premultiplied ARGB composited onto the background (where it is not opaque)."""
+    alpha = argb >> 24
+    if alpha.min() == 255:  # most tiles: nothing to composite
+        return argb
+    rest = 255 - alpha
+    out = np.full(argb.shape, 0xFF000000, np.uint32)
+    for shift, bg in zip((16, 8, 0), BACKGROUND):
+        # premultiplied: colour + (1 - alpha) * background, rounded
+        c = (argb >> shift) & 0xFF
+        out |= np.minimum(c + (rest * bg + 127) // 255, 255) << shift
+    return out
 
 
 def _rgb(img: Image.Image) -> np.ndarray:

@@ -9,7 +9,7 @@ from PySide6.QtCore import QPoint, QPointF, Qt
 from PySide6.QtGui import QColor, QImage, QPen, QWheelEvent
 from PySide6.QtWidgets import QApplication
 
-from engines.slide import Slide
+from engines.slide import Slide, pack_xrgb
 from tests.conftest import DATA, DEMO_SLIDE, GOOD_SLIDES
 from viewer.canvas import BACKGROUND, SlideCanvas
 from viewer.minimap import Minimap
@@ -38,6 +38,9 @@ class GatedSlide:
         if level in self.held:
             self.gate.wait(10)
         return self._slide.read_region(level, x, y, w, h)
+
+    def read_region_xrgb(self, level, x, y, w, h):  # the viewer's read, through ours
+        return pack_xrgb(self.read_region(level, x, y, w, h))
 
 
 @pytest.fixture
@@ -322,6 +325,9 @@ class FlatHugeSlide:
     def read_region(self, level, x, y, w, h):
         self.reads += 1
         return np.full((h, w, 3), 200, np.uint8)
+
+    def read_region_xrgb(self, level, x, y, w, h):  # the viewer's read, through ours
+        return pack_xrgb(self.read_region(level, x, y, w, h))
 
     def thumbnail(self, side):
         raise RuntimeError("no thumbnail")

@@ -174,3 +174,29 @@ def test_one_level_slide_coarse_reads_use_a_shared_in_memory_pyramid():
         # a read partly outside the slide pads with white
         edge = s.read_rect((s.width - 400, 0, 800, 400), 100, 50)
         assert (edge[:, 60:] == 255).all() and not (edge[:, :40] == 255).all()
+
+
+@pytest.mark.parametrize("path", GOOD_SLIDES, ids=lambda p: p.name)
+def test_xrgb_reads_match_rgb_reads_inside_and_outside(path):
+    # The viewer's direct path (OpenSlide's ARGB, composited on the background) must give the
+    # very pixels of read_region, also where the region hangs over the slide's edge.
+    with Slide(path) as s:
+        for level in {0, s.level_count - 1}:
+            ds = s.levels[level].downsample
+            lw, lh = s.levels[level].width, s.levels[level].height
+            for x, y in [(0, 0), (int((lw - 40) * ds), int((lh - 30) * ds)), (int(-20 * ds), int(-10 * ds))]:
+                rgb = s.read_region(level, x, y, 64, 48).astype(np.uint32)
+                xrgb = s.read_region_xrgb(level, x, y, 64, 48)
+                assert xrgb.shape == (48, 64) and xrgb.dtype == np.uint32
+                assert np.all(xrgb >> 24 == 255)
+                unpacked = np.stack([(xrgb >> 16) & 255, (xrgb >> 8) & 255, xrgb & 255], -1)
+                assert np.abs(unpacked.astype(int) - rgb.astype(int)).max() <= 1
+        edge = s.read_region_xrgb(0, -8, -8, 8, 8)
+        assert np.all(edge == 0xFFFFFFFF)  # wholly outside: background white
+
+
+def test_xrgb_of_a_broken_tile_is_a_slide_error(truncated_slide):
+    with Slide(truncated_slide) as s:
+        with pytest.raises(SlideError):
+            for level in range(s.level_count):
+                s.read_region_xrgb(level, 0, 0, s.levels[level].width, s.levels[level].height)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PySide6.QtGui import QImage
 
-from engines.slide import Slide
+from engines.slide import Slide, pack_xrgb
 from tests.conftest import DATA, DEMO_SLIDE
-from viewer.tiles import TileCache, TileGrid, TileKey, TileLoader, array_to_qimage, read_tiles_now
+from viewer.tiles import TileCache, TileGrid, TileKey, TileLoader, array_to_qimage, read_tiles_now, xrgb_to_qimage
 
 
 def _img(side: int = 64) -> QImage:
@@ -36,6 +36,9 @@ class CountingSlide:
             self.gate.wait(10)
         return self._slide.read_region(level, x, y, w, h)
 
+    def read_region_xrgb(self, level, x, y, w, h):  # the viewer's read, through ours
+        return pack_xrgb(self.read_region(level, x, y, w, h))
+
 
 def test_array_to_qimage_owns_pixels():
     arr = np.zeros((5, 7, 3), np.uint8)
@@ -46,6 +49,18 @@ def test_array_to_qimage_owns_pixels():
     c = img.pixelColor(3, 2)
     assert (c.red(), c.green(), c.blue()) == (10, 200, 30)
     assert (img.width(), img.height()) == (7, 5)
+
+
+def test_xrgb_to_qimage_owns_pixels_and_keeps_colours():
+    rgb = np.zeros((5, 7, 3), np.uint8)
+    rgb[2, 3] = (10, 200, 30)
+    arr = pack_xrgb(rgb)
+    img = xrgb_to_qimage(arr)
+    arr[:] = 0xFFFFFFFF
+    del arr
+    c = img.pixelColor(3, 2)
+    assert (c.red(), c.green(), c.blue()) == (10, 200, 30)
+    assert img.pixelColor(0, 0).red() == 0 and (img.width(), img.height()) == (7, 5)
 
 
 def test_cache_respects_byte_bound_in_lru_order():

@@ -43,6 +43,13 @@ def array_to_qimage(arr: np.ndarray) -> QImage:
     return view.convertToFormat(QImage.Format.Format_RGB32)
 
 
+def xrgb_to_qimage(arr: np.ndarray) -> QImage:
+    """HxW uint32 0xFFRRGGBB to an RGB32 QImage that owns its pixels (one copy)."""
+    arr = np.ascontiguousarray(arr, dtype=np.uint32)
+    h, w = arr.shape
+    return QImage(arr.data, w, h, 4 * w, QImage.Format.Format_RGB32).copy()
+
+
 class TileGrid:
     """Fixed-size tiles over every pyramid level, addressed by ``TileKey``."""
 
@@ -110,7 +117,7 @@ class TileGrid:
         pw, ph = self.tile_pixels(key)
         x0 = int(round(key.col * t * ds))
         y0 = int(round(key.row * t * ds))
-        return array_to_qimage(self.slide.read_region(key.level, x0, y0, pw, ph))
+        return xrgb_to_qimage(self.slide.read_region_xrgb(key.level, x0, y0, pw, ph))
 
 
 def image_bytes(image: QImage) -> int:
