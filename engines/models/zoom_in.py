@@ -81,8 +81,8 @@ class ZoomInConfig:
     contrastive_warmup: int = 10  # epochs before the contrastive term starts
     contrastive_weight: float = 1.0
     entropy_weight: float = 1e-5
-    stage1_band_pixels: int = 1 << 18  # bound on stage-1 pixels processed at once
-    stage1_read_pixels: int = 1 << 21  # bound on slide pixels decoded per stage-1 band
+    stage1_band_pixels: int = 1 << 16  # bound on stage-1 pixels processed at once
+    stage1_read_pixels: int = 1 << 19  # bound on slide pixels decoded per stage-1 band
 
     def __post_init__(self) -> None:
         if not (0 < self.s1 <= 1 and 0 < self.s2 <= 1):
