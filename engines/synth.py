@@ -97,7 +97,7 @@ def quilt(rng: np.random.Generator, h: int, w: int, pick: Callable[[int, int], l
     """Blend jittered textures over an h x w canvas; ``pick(y, x)`` gives the candidates
     for a texture centred at (y, x). Centres sit on a jittered grid so no seam lines up."""
     size, stride, jitter = 150, 90, 20
-    pad = size + jitter
+    pad = size + stride + jitter  # the last centres reach a stride past the edge, plus jitter
     acc = np.zeros((h + 2 * pad, w + 2 * pad, 3), np.float32)
     wsum = np.full((h + 2 * pad, w + 2 * pad, 1), 1e-6, np.float32)
     win = _window(size)

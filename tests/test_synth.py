@@ -77,3 +77,14 @@ def test_split_is_stratified():
     for lab in ("tumor", "normal"):
         mine = [s for s, l in zip(splits, labels) if l == lab]
         assert mine.count("train") == 6 and mine.count("val") == 2 and mine.count("test") == 2
+
+
+@pytest.mark.parametrize("side", [181, 183, 272, 3072 // 8 + 2])
+def test_quilt_covers_any_canvas_size(side):
+    # Sides just past a multiple of the texture stride put the last textures over the edge.
+    from engines.synth import load_textures, quilt
+
+    tex = load_textures()["02_STROMA"]
+    out = quilt(np.random.default_rng(0), side, side + 7, lambda y, x: tex)
+    assert out.shape == (side, side + 7, 3)
+    assert out.mean(-1).min() > 10 and out.std() > 1  # covered by texture everywhere, no black holes
