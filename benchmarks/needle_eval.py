@@ -1,0 +1,97 @@
+"""Evaluate checkpoints on the held-out test split of a synthetic needle set, as JSON.
+
+    PYTHONPATH=. python benchmarks/needle_eval.py --data DIR [--checkpoints resources/checkpoints]
+        [--models magnet,...]
+
+For each model with ``<checkpoints>/<model>.pt``: runs it (``engines.infer.run``) on every
+``test`` slide of ``DIR/manifest.csv`` and prints ``{"models": {NAME: {"accuracy", "auroc",
+"localisation", "train_minutes", ...}}}``. ``localisation`` is the mean over positive test
+slides of ``engines.evaluate.localisation`` against ``DIR/needles.json`` (1 = chance);
+``train_minutes`` comes from the ``<model>.json`` that ``benchmarks/train_demos.py`` writes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from engines import infer, registry  # noqa: E402
+from engines.checkpoint import model_from_checkpoint  # noqa: E402
+from engines.data import read_manifest  # noqa: E402
+from engines.evaluate import localisation  # noqa: E402
+from engines.slide import Slide  # noqa: E402
+from engines.train import auroc  # noqa: E402
+
+
+def evaluate(name: str, ckpt: Path, data_dir: Path, positive: str = "tumor") -> dict:
+    data = read_manifest(data_dir / "manifest.csv")
+    needles = json.loads((data_dir / "needles.json").read_text())
+    model = model_from_checkpoint(ckpt, expect_model=name)
+    classes = list(model.classes)
+    if positive not in classes:
+        raise SystemExit(f"{ckpt}: classes {classes} have no {positive!r}")
+    pos = classes.index(positive)
+    scores, labels, correct, loc = [], [], 0, []
+    t0 = time.perf_counter()
+    test = data.split("test")
+    for sample in test:
+        slide = Slide(sample.path)
+        try:
+            trace = infer.run(model, slide)
+        finally:
+            slide.close()
+        label = int(sample.label == positive)
+        scores.append(trace.probs[pos])
+        labels.append(label)
+        correct += int((int(np.argmax(trace.probs)) == pos) == bool(label))
+        rects = needles.get(Path(sample.path).name, [])
+        if label and rects:
+            value = localisation(trace, rects)
+            if value is not None:
+                loc.append(value)
+    info_file = ckpt.with_suffix(".json")
+    info = json.loads(info_file.read_text()) if info_file.exists() else {}
+    return {
+        "accuracy": round(correct / max(1, len(test)), 3),
+        "auroc": round(auroc(scores, labels), 3),
+        "localisation": round(float(np.mean(loc)), 2) if loc else None,
+        "train_minutes": info.get("train_minutes"),
+        "epochs": info.get("epochs_done"),
+        "test_slides": len(test),
+        "positives": int(sum(labels)),
+        "eval_s": round(time.perf_counter() - t0, 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, required=True, help="folder made by maglens synth")
+    p.add_argument("--checkpoints", type=Path, default=ROOT / "resources" / "checkpoints")
+    p.add_argument("--models", default=",".join(registry.list_models()))
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args(argv)
+    if not (a.data / "manifest.csv").exists() or not (a.data / "needles.json").exists():
+        p.error(f"{a.data} has no manifest.csv and needles.json (make it with maglens synth)")
+    torch.set_num_threads(a.threads)
+    out: dict = {"data": str(a.data), "models": {}}
+    for name in [m.strip() for m in a.models.split(",") if m.strip()]:
+        ckpt = a.checkpoints / f"{name}.pt"
+        if not ckpt.exists():
+            out["models"][name] = {"error": f"no checkpoint {ckpt}"}
+            continue
+        out["models"][name] = evaluate(name, ckpt, a.data)
+        print(f"{name}: {out['models'][name]}", file=sys.stderr, flush=True)
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
