@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from app.engine import EngineThread
 from app.models_dock import ModelsPanel, RunRequest
 from app.trail_dock import TrailPlot
 from engines.slide import Slide
-from engines.trace import Field, Progress, SlideRef, Trace, TraceError, TrailStep
+from engines.trace import AttentionMap, Field, Progress, SlideRef, Trace, TraceError, TrailStep
 from viewer.figure import render_figure
 from viewer.overlays.rubberband import RubberBandOverlay
 from viewer.trace_layers import TraceLayers
@@ -29,10 +30,37 @@ PLAY_INTERVAL_MS = 1400
 CLICK_SLOP_PX = 4
 
 
-def make_inference_job(request: RunRequest, slide: Slide, roi):
+ENGINE_NICE = 5  # how much lower than the GUI the engine thread is scheduled
+# How long a thread may hold the GIL while another waits (Python's default is 5 ms). The
+# model's Python code between torch calls would otherwise stall a paint by up to that much.
+GUI_SWITCH_INTERVAL_S = 0.001
+
+
+def keep_gui_responsive() -> None:
+    """Shorten the GIL switch interval for a process whose GUI shares it with an engine."""
+    sys.setswitchinterval(min(sys.getswitchinterval(), GUI_SWITCH_INTERVAL_S))
+
+
+def lower_thread_priority(nice: int = ENGINE_NICE) -> None:
+    """Let the calling thread yield the CPU to the GUI thread. On Linux the nice value is per
+    thread (and threads it starts, such as torch's workers, inherit it); elsewhere, or
+    without permission, nothing changes."""
+    if nice <= 0 or not hasattr(os, "setpriority") or not sys.platform.startswith("linux"):
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, max(os.getpriority(os.PRIO_PROCESS, tid), nice))
+    except OSError:
+        pass
+
+
+def make_inference_job(request: RunRequest, slide: Slide, roi, nice: int = ENGINE_NICE):
     """The callable the engine thread runs for one Run press."""
 
     def job(emit, cancel: threading.Event) -> Trace:
+        # Painting must win over the model when both want a core: the canvas stays smooth
+        # and the model only runs a little longer.
+        lower_thread_priority(nice)
         from engines import infer, registry
         from engines.checkpoint import checkpoint_sha256, model_from_checkpoint
 
@@ -54,6 +82,7 @@ class InferenceController(QObject):
     def __init__(self, window, canvas, panel: ModelsPanel, plot: TrailPlot,
                  engine: EngineThread | None = None, job_factory=make_inference_job) -> None:
         super().__init__(window)
+        keep_gui_responsive()
         self.window = window
         self.canvas = canvas
         self.panel = panel
@@ -62,6 +91,8 @@ class InferenceController(QObject):
         self.job_factory = job_factory
         self.layers: dict[tuple[str, str], TraceLayers] = {}
         self.current: TraceLayers | None = None
+        self.compare: TraceLayers | None = None  # another model's trace shown alongside
+        self._hovering = False
         self.run_id: int | None = None
         self._run_key: tuple[str, str] | None = None
         self.last_error: str | None = None
@@ -77,9 +108,12 @@ class InferenceController(QObject):
         panel.cancel_requested.connect(self.cancel)
         panel.step_requested.connect(self.step)
         panel.play_toggled.connect(self.set_playing)
-        panel.colormap_changed.connect(lambda n: self.current and self.current.set_colormap(n))
-        panel.joint_changed.connect(lambda j: self.current and self.current.set_joint(j))
-        panel.smooth_changed.connect(lambda s: self.current and self.current.set_smooth(s))
+        panel.colormap_changed.connect(lambda n: self._each_shown(lambda t: t.set_colormap(n)))
+        panel.joint_changed.connect(lambda j: self._each_shown(lambda t: t.set_joint(j)))
+        panel.smooth_changed.connect(lambda s: self._each_shown(lambda t: t.set_smooth(s)))
+        panel.map_opacity_changed.connect(lambda o: self._each_shown(lambda t: t.set_map_opacity(o)))
+        panel.map_chosen.connect(self.choose_map)
+        panel.compare_changed.connect(self.set_compare)
         panel.model_combo.currentTextChanged.connect(self._show_for_model)
         plot.step_clicked.connect(self.go_to_step)
         self.engine.event.connect(self._on_event)
@@ -88,6 +122,7 @@ class InferenceController(QObject):
         self.engine.cancelled.connect(self._on_cancelled)
         canvas.installEventFilter(self)
         canvas.cursor_moved.connect(self._on_cursor)
+        self._refresh_choosers()  # nothing to choose before a trace exists
 
     # -- keys ------------------------------------------------------------------------------
     def _slide_key(self) -> str | None:
@@ -101,25 +136,77 @@ class InferenceController(QObject):
         for layers in self.layers.values():
             layers.hide()
         self.current = None
+        self.compare = None
         self._show_for_model(self.panel.model_combo.currentText())
+        self._refresh_choosers()
 
     def _show_for_model(self, model: str) -> None:
         key = (self._slide_key() or "", model)
         layers = self.layers.get(key)
         if layers is self.current:
             return
-        if self.current is not None:
+        if self.current is not None and self.current is not self.compare:
             self.current.hide()
+        if layers is not None and layers is self.compare:
+            self.compare = None  # it is the main trace now
         self.current = layers
         self._stop = -1
+        self.panel.path_label.setText("—")
         if layers is not None:
+            self._apply_settings(layers)
             layers.show()
-            self.plot.set_steps(layers.trace.trail, layers.trail.positive)
+            self.plot.set_steps(layers.trace.trail, layers.trail.positive, layers.trail.positive_label)
             self.panel.show_prediction(layers.trace.classes, layers.trace.probs)
         else:
             self.plot.clear()
             self.panel.show_prediction([], [])
+        self._refresh_choosers()
         self.trace_changed.emit(layers)
+
+    def _apply_settings(self, layers: TraceLayers) -> None:
+        p = self.panel
+        layers.apply_settings(p.colormap_combo.currentText(), p.joint_check.isChecked(),
+                              p.smooth_check.isChecked(), p.map_opacity.value() / 100.0)
+
+    def _new_layers(self, trace: Trace) -> TraceLayers:
+        p = self.panel
+        return TraceLayers(self.canvas, trace, colormap=p.colormap_combo.currentText(),
+                           joint=p.joint_check.isChecked(), smooth=p.smooth_check.isChecked(),
+                           map_opacity=p.map_opacity.value() / 100.0)
+
+    def _each_shown(self, fn) -> None:
+        for layers in (self.current, self.compare):
+            if layers is not None:
+                fn(layers)
+
+    def _refresh_choosers(self) -> None:
+        """The map chooser lists the current trace's maps; Compare lists the other models
+        with a trace of this slide."""
+        cur = self.current
+        if cur is None:
+            self.panel.set_maps([])
+        else:
+            visible = next((i for i, o in enumerate(cur.maps) if o.visible), -1)
+            self.panel.set_maps([o.map.name for o in cur.maps], visible)
+        slide = self._slide_key() or ""
+        others = sorted(m for (s, m) in self.layers if s == slide and (cur is None or m != cur.trace.model))
+        self.panel.set_compare_choices(others, self.compare.trace.model if self.compare else "")
+
+    def choose_map(self, index: int) -> None:
+        """Show map ``index`` of the current trace in place of those stacked with it."""
+        if self.current is not None and 0 <= index < len(self.current.maps):
+            self.current.choose_map(self.current.maps[index])
+
+    def set_compare(self, model: str) -> None:
+        """Show the trace ``model`` made of this slide alongside the current one ("" hides it)."""
+        if self.compare is not None and self.compare is not self.current:
+            self.compare.hide()
+        layers = self.layers.get((self._slide_key() or "", model)) if model else None
+        self.compare = layers if layers is not self.current else None
+        if self.compare is not None:
+            self._apply_settings(self.compare)
+            self.compare.show()
+        self._refresh_choosers()
 
     # -- running ---------------------------------------------------------------------------
     def roi_for(self, scope: str):
@@ -148,15 +235,18 @@ class InferenceController(QObject):
         old = self.layers.pop(key, None)
         if old is not None:
             old.hide()
+            if old is self.compare:
+                self.compare = None
         trace = Trace(model=request.model, preset=request.preset, checkpoint=None,
                       slide=SlideRef(str(slide.path), slide.width, slide.height, slide.mpp), roi=roi)
-        layers = TraceLayers(self.canvas, trace, colormap=self.panel.colormap_combo.currentText(),
-                             joint=self.panel.joint_check.isChecked())
+        layers = self._new_layers(trace)
         self.layers[key] = layers
-        if self.current is not None and self.current is not layers:
+        if self.current is not None and self.current is not layers and self.current is not self.compare:
             self.current.hide()
         self.current = layers
+        self._stop = -1
         layers.show()
+        self._refresh_choosers()
         self.plot.clear()
         self.panel.show_prediction([], [])
         self.panel.set_running(True)
@@ -189,6 +279,8 @@ class InferenceController(QObject):
             return
         layers.trace.add(event)
         layers.add_event(event)
+        if isinstance(event, AttentionMap) and layers is self.current:
+            self._refresh_choosers()
         if isinstance(event, TrailStep) and layers is self.current:
             self.plot.add_step(event)
             if len(layers.trail.steps) == 1:
@@ -200,9 +292,10 @@ class InferenceController(QObject):
         self.run_id = None
         layers = self._layers_of_run()
         if layers is not None:
-            layers.trace = trace
+            layers.finish(trace)
             if layers is self.current:
-                self.plot.set_steps(trace.trail, layers.trail.positive)
+                self.plot.set_steps(trace.trail, layers.trail.positive, layers.trail.positive_label)
+                self.trace_changed.emit(layers)
         note = f"Done in {trace.timings.get('total_s', 0.0):.1f} s"
         if trace.checkpoint is None:
             note += " — initial weights (no checkpoint)"
@@ -241,21 +334,19 @@ class InferenceController(QObject):
             i %= len(stops)
         i = min(max(i, 0), len(stops) - 1)
         self._stop = i
-        title, rects, depth, overlay = stops[i]
+        stop = stops[i]
+        rects = stop.rects
         x0 = min(r[0] for r in rects)
         y0 = min(r[1] for r in rects)
         x1 = max(r[0] + r[2] for r in rects)
         y1 = max(r[1] + r[3] for r in rects)
         margin = 0.08 * max(x1 - x0, y1 - y0)
         self.canvas.show_rect((x0 - margin, y0 - margin, x1 - x0 + 2 * margin, y1 - y0 + 2 * margin))
-        field_id = None
-        if depth:
-            f = [f for f in self.current.trace.fields if f.rect == rects[0] and f.depth == depth]
-            field_id = f[0].id if f else None
-        self.current.focus(depth if depth else None, field_id, overlay)
-        label = f"{i + 1} / {len(stops)}: {title}"
-        self.panel.path_label.setText(label)
-        return title
+        self.current.focus(stop)
+        self._refresh_choosers()
+        shown = f" — showing {stop.maps[0].map.name}" if stop.maps and stop.overlay is None else ""
+        self.panel.path_label.setText(f"{i + 1} / {len(stops)}: {stop.title}{shown}")
+        return stop.title
 
     def set_playing(self, on: bool) -> None:
         if on:
@@ -344,6 +435,10 @@ class InferenceController(QObject):
             parts.append(f"{hit[0]} = {hit[1]:.4g}")
         if parts:
             self.status.emit("   ".join(parts))
+            self._hovering = True
+        elif self._hovering:  # the pointer left: do not leave a stale description up
+            self.status.emit("")
+            self._hovering = False
 
     def describe_field(self, f: Field) -> str:
         mpp = self.canvas.slide.mpp if self.canvas.slide else None
@@ -376,8 +471,12 @@ class InferenceController(QObject):
         old = self.layers.pop(key, None)
         if old is not None:
             old.hide()
-        layers = TraceLayers(self.canvas, trace, colormap=self.panel.colormap_combo.currentText())
+            if old is self.compare:
+                self.compare = None
+        layers = self._new_layers(trace)
         self.layers[key] = layers
+        if self.current is not None and self.current is not self.compare:
+            self.current.hide()
         self.current = None
         self.panel.set_model(trace.model)
         self._show_for_model(trace.model)

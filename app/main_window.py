@@ -97,7 +97,10 @@ class MainWindow(QMainWindow):
         self.minimap_dock = self._dock("Minimap", "minimap_dock", self.minimap)
         self.properties_dock = self._dock("Properties", "properties_dock", self.properties_panel)
         self.associated_dock = self._dock("Associated images", "associated_dock", self.associated_panel)
-        self.layers_dock = self._dock("Layers", "layers_dock", self.layers_panel)
+        layers_scroll = QScrollArea()  # a trace can bring dozens of layers (64 filters)
+        layers_scroll.setWidgetResizable(True)
+        layers_scroll.setWidget(self.layers_panel)
+        self.layers_dock = self._dock("Layers", "layers_dock", layers_scroll)
         models_scroll = QScrollArea()
         models_scroll.setWidgetResizable(True)
         models_scroll.setWidget(self.models_panel)
@@ -106,6 +109,9 @@ class MainWindow(QMainWindow):
 
         right = Qt.DockWidgetArea.RightDockWidgetArea
         left = Qt.DockWidgetArea.LeftDockWidgetArea
+        # The side docks run full height; the trail plot sits under the canvas only.
+        self.setCorner(Qt.Corner.BottomLeftCorner, left)
+        self.setCorner(Qt.Corner.BottomRightCorner, right)
         self.addDockWidget(left, self.properties_dock)
         self.addDockWidget(left, self.layers_dock)
         self.tabifyDockWidget(self.properties_dock, self.layers_dock)
@@ -117,8 +123,8 @@ class MainWindow(QMainWindow):
         self.models_dock.raise_()
         self.addDockWidget(Qt.DockWidgetArea.BottomDockWidgetArea, self.trail_dock)
         self.trail_dock.hide()  # shown when a trace has a trail
-        self.resizeDocks([self.properties_dock], [340], Qt.Orientation.Horizontal)
-        self.resizeDocks([self.minimap_dock], [280], Qt.Orientation.Horizontal)
+        self.resizeDocks([self.properties_dock], [320], Qt.Orientation.Horizontal)
+        self.resizeDocks([self.minimap_dock], [330], Qt.Orientation.Horizontal)
         self.resizeDocks([self.minimap_dock, self.associated_dock], [260, 640],
                          Qt.Orientation.Vertical)
 
@@ -377,8 +383,14 @@ class MainWindow(QMainWindow):
 
     # -- traces --------------------------------------------------------------------------
     def _on_trace_changed(self, layers) -> None:
-        if layers is not None and layers.trace.trail:
-            self.trail_dock.show()
+        if layers is None:
+            return
+        if layers.trace.trail or layers.trail.steps:
+            if not self.trail_dock.isVisible():
+                self.trail_dock.show()
+                self.resizeDocks([self.trail_dock], [200], Qt.Orientation.Vertical)
+        elif layers.trace.probs:  # a finished trace without a trail: nothing to plot
+            self.trail_dock.hide()
 
     def _trace_path_dialog(self, title: str, suffix: str, filt: str, save: bool) -> str | None:
         start = ""

@@ -9,7 +9,7 @@ from pathlib import Path
 from PySide6.QtCore import QSettings, Qt, QTimer, Signal
 from PySide6.QtWidgets import (
     QCheckBox, QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QHeaderView, QLabel,
-    QProgressBar, QPushButton, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget,
+    QProgressBar, QPushButton, QSlider, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget,
 )
 
 from engines import registry
@@ -43,6 +43,9 @@ class ModelsPanel(QWidget):
     colormap_changed = Signal(str)
     joint_changed = Signal(bool)
     smooth_changed = Signal(bool)
+    map_chosen = Signal(int)  # index into the current trace's maps
+    map_opacity_changed = Signal(float)
+    compare_changed = Signal(str)  # a model whose trace shows alongside, "" for none
 
     def __init__(self, settings: QSettings | None = None, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -56,7 +59,10 @@ class ModelsPanel(QWidget):
         self.model_combo.addItems(registry.list_models())
         self.preset_combo = QComboBox()
         self.preset_combo.addItems(["tiny", "paper"])
+        self._chosen: dict[str, str | None] = {}  # model -> checkpoint chosen for it
+        self._refreshing = False
         self.checkpoint_combo = QComboBox()
+        self.checkpoint_combo.currentIndexChanged.connect(self._remember_checkpoint)
         self.checkpoint_combo.setEditable(False)
         self.checkpoint_combo.setMinimumContentsLength(12)
         self.checkpoint_combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
@@ -132,10 +138,27 @@ class ModelsPanel(QWidget):
         self.joint_check.toggled.connect(self.joint_changed)
         self.smooth_check = QCheckBox("Smooth")
         self.smooth_check.toggled.connect(self.smooth_changed)
+        # One map of those stacked on a region (e.g. one of grid attention's 64 filters).
+        self.map_combo = QComboBox()
+        self.map_combo.setMinimumContentsLength(10)
+        self.map_combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        self.map_combo.activated.connect(self.map_chosen)
+        self.map_opacity = QSlider(Qt.Orientation.Horizontal)
+        self.map_opacity.setRange(0, 100)
+        self.map_opacity.setValue(60)
+        self.map_opacity.setToolTip("Opacity of the attention maps")
+        self.map_opacity.valueChanged.connect(lambda v: self.map_opacity_changed.emit(v / 100.0))
         ml = QFormLayout(maps_box)
+        ml.addRow("Map", self.map_combo)
         ml.addRow("Colormap", self.colormap_combo)
+        ml.addRow("Opacity", self.map_opacity)
         ml.addRow(self.joint_check)
         ml.addRow(self.smooth_check)
+        self.compare_combo = QComboBox()
+        self.compare_combo.setToolTip("Show another model's trace of this slide as well")
+        self.compare_combo.addItem("(none)", "")
+        self.compare_combo.activated.connect(lambda i: self.compare_changed.emit(self.compare_combo.itemData(i) or ""))
+        ml.addRow("Compare with", self.compare_combo)
 
         layout = QVBoxLayout(self)
         layout.addLayout(form)
@@ -168,11 +191,26 @@ class ModelsPanel(QWidget):
         items = [path] + [p for p in self._recent() if p != path]
         self._settings.setValue("models/recent_checkpoints", items[:MAX_RECENT_CHECKPOINTS])
 
+    def _remember_checkpoint(self, *_: object) -> None:
+        # Any selection not made by the refresh itself is the user's (or a caller's) choice
+        # for this model, kept when the model is switched away and back.
+        if not self._refreshing:
+            self._chosen[self.model_combo.currentText()] = self.checkpoint()
+
     def _refresh_checkpoints(self, *_: object) -> None:
-        current = self.checkpoint()
+        self._refreshing = True
+        try:
+            self._fill_checkpoints()
+        finally:
+            self._refreshing = False
+
+    def _fill_checkpoints(self) -> None:
+        """The list for the current model: initial weights, its demo checkpoint, recent files;
+        selected: the model's last choice, else its demo checkpoint, else initial weights."""
+        model = self.model_combo.currentText()
         self.checkpoint_combo.clear()
         self.checkpoint_combo.addItem(NO_CHECKPOINT, None)
-        bundled = bundled_checkpoint(self.model_combo.currentText())
+        bundled = bundled_checkpoint(model)
         if bundled:
             self.checkpoint_combo.addItem(f"demo: {Path(bundled).name}", bundled)
         for p in self._recent():
@@ -180,9 +218,8 @@ class ModelsPanel(QWidget):
                 self.checkpoint_combo.addItem(Path(p).name, p)
         for i in range(self.checkpoint_combo.count()):
             self.checkpoint_combo.setItemData(i, self.checkpoint_combo.itemData(i) or "", Qt.ItemDataRole.ToolTipRole)
-        idx = self.checkpoint_combo.findData(current) if current else -1
-        if idx < 0 and bundled:
-            idx = 1
+        want = self._chosen.get(model, bundled)
+        idx = self.checkpoint_combo.findData(want) if want else 0
         self.checkpoint_combo.setCurrentIndex(max(idx, 0))
 
     def set_checkpoint(self, path: str | None) -> None:
@@ -275,3 +312,23 @@ class ModelsPanel(QWidget):
         self.stage_label.setText("Failed")
         self.error_label.setText(message)
         self.error_label.show()
+
+    # -- map chooser and comparison (filled by the inference controller) -------------------
+    def set_maps(self, names: list[str], current: int = -1) -> None:
+        self.map_combo.blockSignals(True)
+        self.map_combo.clear()
+        self.map_combo.addItems(names)
+        self.map_combo.setCurrentIndex(current if 0 <= current < len(names) else (0 if names else -1))
+        self.map_combo.setEnabled(bool(names))
+        self.map_combo.blockSignals(False)
+
+    def set_compare_choices(self, models: list[str], current: str = "") -> None:
+        self.compare_combo.blockSignals(True)
+        self.compare_combo.clear()
+        self.compare_combo.addItem("(none)", "")
+        for m in models:
+            self.compare_combo.addItem(m, m)
+        idx = self.compare_combo.findData(current) if current else 0
+        self.compare_combo.setCurrentIndex(max(idx, 0))
+        self.compare_combo.setEnabled(bool(models))
+        self.compare_combo.blockSignals(False)

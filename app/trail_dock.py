@@ -6,6 +6,18 @@ from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import QVBoxLayout, QWidget
 
 from engines.trace import TrailStep
+from viewer.overlays import colormaps
+
+
+class _StepAxis(pg.AxisItem):
+    """Steps are whole numbers: no ticks at 1.5."""
+
+    def tickValues(self, minVal, maxVal, size):  # noqa: N802,N803 - pyqtgraph override
+        return [(lvl, [v for v in vals if float(v).is_integer()])
+                for lvl, vals in super().tickValues(minVal, maxVal, size)]
+
+    def tickStrings(self, values, scale, spacing):  # noqa: N802 - pyqtgraph override
+        return [str(int(round(v))) for v in values]
 
 
 class TrailPlot(QWidget):
@@ -14,11 +26,11 @@ class TrailPlot(QWidget):
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         pg.setConfigOptions(antialias=True)
-        self.plot = pg.PlotWidget(background="w")
+        self.plot = pg.PlotWidget(background="w", axisItems={"bottom": _StepAxis("bottom")})
         self.plot.setLabel("bottom", "step")
-        self.plot.setLabel("left", "P(positive)")
         self.plot.setYRange(0, 1, padding=0.02)
         self.plot.showGrid(x=True, y=True, alpha=0.3)
+        self.plot.setMouseEnabled(x=True, y=False)
         self.plot.addItem(pg.InfiniteLine(0.5, angle=0, pen=pg.mkPen((150, 150, 150), style=Qt.PenStyle.DashLine)))
         self.curve = self.plot.plot([], [], pen=pg.mkPen((40, 40, 40), width=2))
         self.points = pg.ScatterPlotItem(size=11, pen=pg.mkPen("k"), hoverable=True)
@@ -27,14 +39,23 @@ class TrailPlot(QWidget):
         self.marker = pg.ScatterPlotItem(size=18, pen=pg.mkPen((255, 0, 0), width=2), brush=None)
         self.plot.addItem(self.marker)
         self.positive = 1
+        self.positive_label = "positive"
         self.steps: list[TrailStep] = []
+        self.setMinimumHeight(120)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(self.plot)
+        self._set_label()
 
-    def set_steps(self, steps: list[TrailStep], positive: int = 1) -> None:
+    def _set_label(self) -> None:
+        self.plot.setLabel("left", f"P({self.positive_label})")
+
+    def set_steps(self, steps: list[TrailStep], positive: int = 1, label: str | None = None) -> None:
         self.steps = list(steps)
         self.positive = positive
+        if label:
+            self.positive_label = label
+            self._set_label()
         self._redraw()
 
     def add_step(self, step: TrailStep) -> None:
@@ -51,12 +72,12 @@ class TrailPlot(QWidget):
         return xs, ys
 
     def _redraw(self) -> None:
-        from viewer.overlays import colormaps
-
         xs, ys = self.values()
         self.curve.setData(xs, ys)
         brushes = [pg.mkBrush(colormaps.color(colormaps.PROBABILITY, y)) for y in ys]
         self.points.setData(xs, ys, brush=brushes, data=[s.index for s in self.steps])
+        if xs:
+            self.plot.setXRange(min(xs) - 0.5, max(xs) + 0.5, padding=0)
 
     def highlight(self, index: int | None) -> None:
         xs, ys = self.values()

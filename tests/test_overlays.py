@@ -98,3 +98,34 @@ def test_trail_markers_sit_on_patch_centres_and_are_clickable(canvas):
     assert _close(_rgb(img, sx + 5, sy + 5), (high.red(), high.green(), high.blue()), tol=30)
     assert ov.step_at(cam, sx + 2, sy - 2).index == 1
     assert ov.step_at(cam, 5, 5) is None
+
+
+def test_a_child_covering_its_parent_is_dashed_so_both_colours_show(canvas):
+    parent = Field(1, 0, 1, (1000.0, 1000.0, 300.0, 300.0), 0.5, "zoom")
+    child = Field(2, 1, 2, (1000.0, 1000.0, 300.0, 300.0), 1.0, "zoom")
+    inner = Field(3, 1, 2, (1100.0, 1100.0, 100.0, 100.0), 1.0, "zoom")
+    ov = FieldsOverlay([parent, child, inner], line_width=2)
+    canvas.add_overlay(ov)
+    img = canvas.render_image(400, 300, (900.0, 1000.0, 400.0, 300.0))  # 1 px per level-0 px
+    c1, c2 = colormaps.depth_color(1), colormaps.depth_color(2)
+    edge = [_rgb(img, 100, y) for y in range(60, 120)]  # along the shared left edge
+    assert any(_close(p, (c1.red(), c1.green(), c1.blue()), 40) for p in edge)
+    assert any(_close(p, (c2.red(), c2.green(), c2.blue()), 40) for p in edge)
+    # a child inside its parent is drawn solid in its depth's colour
+    solid = [_rgb(img, 200, y) for y in range(160, 190)]
+    assert all(_close(p, (c2.red(), c2.green(), c2.blue()), 40) for p in solid)
+
+
+def test_cell_borders_show_on_large_cells_only(canvas):
+    amap = AttentionMap("m", "g", None, (1000.0, 1000.0), (100.0, 100.0), [[0.0, 0.0], [0.0, 0.0]])
+    ov = HeatmapOverlay(amap, colormap="viridis", opacity=1.0)
+    canvas.add_overlay(ov)
+    low = colormaps.color("viridis", 0.5)  # a flat map sits mid-range
+    # 2 image px per level-0 px: cells are 200 px, the border between them is drawn
+    img = canvas.render_image(400, 300, (1000.0, 1000.0, 200.0, 150.0))
+    assert _close(_rgb(img, 100, 150), (low.red(), low.green(), low.blue()))
+    assert not _close(_rgb(img, 200, 100), (low.red(), low.green(), low.blue()), tol=8)
+    # 0.1 image px per level-0 px: 10 px cells, no borders, every pixel the cell colour
+    img = canvas.render_image(400, 300, (0.0, 0.0, 4000.0, 3000.0))
+    sx = (1100.0 - 0.0) / 10
+    assert _close(_rgb(img, sx, 105), (low.red(), low.green(), low.blue()))

@@ -5,14 +5,29 @@ at once from a finished trace. Knows nothing of which model made the trace beyon
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from PySide6.QtCore import QObject, Signal
 
-from engines.trace import AttentionMap, Field, Trace, TrailStep
+from engines.trace import AttentionMap, Field, Rect, Trace, TrailStep
 from viewer.overlays import colormaps
 from viewer.overlays.fields import FieldsOverlay
 from viewer.overlays.heatmap import HeatmapOverlay, shared_range
 from viewer.overlays.trail import TrailOverlay
 
+STACK_IOU = 0.8  # maps overlapping this much cover the same region and would hide each other
+DEFAULT_MAP_OPACITY = 0.6
+
+
+class Stop(NamedTuple):
+    """One stop of the magnification path."""
+
+    title: str
+    rects: list[Rect]  # what the camera frames
+    depth: int | None  # the field depth highlighted (0: the whole view), None for a map stop
+    overlay: HeatmapOverlay | None  # the map a map stop shows
+    field_id: int | None = None  # the field a field stop highlights
+    maps: tuple[HeatmapOverlay, ...] = ()  # the attention shown at this stop
 
 
 class TraceLayers(QObject):
@@ -21,19 +36,22 @@ class TraceLayers(QObject):
     changed = Signal()
 
     def __init__(self, canvas, trace: Trace, colormap: str = colormaps.DEFAULT,
-                 joint: bool = False) -> None:
+                 joint: bool = False, smooth: bool = False,
+                 map_opacity: float = DEFAULT_MAP_OPACITY) -> None:
         super().__init__()
         self.canvas = canvas
         self.trace = trace
         self.colormap = colormap
         self.joint = joint
+        self.smooth = smooth
+        self.map_opacity = map_opacity
         self.label = f"{trace.model}"
         self.fields = FieldsOverlay([], name=f"{self.label}: fields")
-        self.trail = TrailOverlay([], [], positive=min(1, max(len(trace.classes) - 1, 0)),
-                                  name=f"{self.label}: probability trail")
+        positive = min(1, max(len(trace.classes) - 1, 0))
+        self.trail = TrailOverlay([], [], positive=positive, name=f"{self.label}: probability trail",
+                                  positive_label=trace.classes[positive] if trace.classes else "positive")
         self.maps: list[HeatmapOverlay] = []
         self._shown = False
-        self._chosen: dict[str, int] = {}
         for f in trace.fields:
             self._add_field(f)
         for m in trace.maps:
@@ -53,6 +71,15 @@ class TraceLayers(QObject):
             self._ensure(self.trail)
         self.changed.emit()
 
+    def finish(self, trace: Trace) -> None:
+        """Adopt the finished trace (it knows the class names, timings and probabilities)."""
+        self.trace = trace
+        if trace.classes:
+            self.trail.positive = min(1, len(trace.classes) - 1)
+            self.trail.positive_label = trace.classes[self.trail.positive]
+            self.trail.changed.emit()  # its legend names the class now
+        self.changed.emit()
+
     def _add_field(self, f: Field) -> None:
         self.trail.add_field(f)
         if f.depth > 0:
@@ -60,15 +87,35 @@ class TraceLayers(QObject):
             self._ensure(self.fields)
 
     def _add_map(self, m: AttentionMap) -> None:
-        ov = HeatmapOverlay(m, colormap=self.colormap, name=f"{self.label}: {m.name}")
-        # Maps stacked on the same region would hide each other: show the first, keep the
-        # rest one click away in the Layers dock. Maps of separate regions (Zoom-In's
-        # per-tile maps) all show.
-        ov.visible = not any(o.visible and _iou(o.map.rect, m.rect) > 0.8 for o in self.maps)
+        ov = HeatmapOverlay(m, colormap=self.colormap, opacity=self.map_opacity,
+                            name=f"{self.label}: {m.name}")
+        ov.smooth = self.smooth
+        ov.visible = self._default_visible(ov)
         self.maps.append(ov)
         if self.joint:
             self._apply_joint()
         self._ensure(ov)
+
+    def _default_visible(self, ov: HeatmapOverlay) -> bool:
+        # A model's first group is its overview (MagNet's layer 1, Zoom-In's stage 1, the
+        # coarsest magnification, filter 0); later groups show when the path reaches them or
+        # from the Layers dock. Of maps stacked on one region only the first shows: the
+        # others would hide it, and the map chooser switches between them.
+        if self.maps and ov.map.group != self.maps[0].map.group:
+            return False
+        return not any(o.visible and _iou(o.map.rect, ov.map.rect) > STACK_IOU for o in self.maps)
+
+    def reset_maps(self) -> None:
+        """Back to the default choice of visible maps."""
+        for ov in self.maps:
+            ov.visible = False
+        shown: list[HeatmapOverlay] = []
+        for ov in self.maps:
+            if ov.map.group == self.maps[0].map.group and not any(
+                    _iou(o.map.rect, ov.map.rect) > STACK_IOU for o in shown):
+                shown.append(ov)
+        for ov in shown:
+            ov.visible = True
 
     def _ensure(self, overlay) -> None:
         if self._shown and overlay not in self.canvas.overlays():
@@ -105,10 +152,24 @@ class TraceLayers(QObject):
             out.setdefault(ov.map.group, []).append(ov)
         return out
 
+    def stack_of(self, overlay: HeatmapOverlay) -> list[HeatmapOverlay]:
+        """The maps lying on (nearly) the same region as ``overlay``, itself included."""
+        return [o for o in self.maps if o is overlay or _iou(o.map.rect, overlay.map.rect) > STACK_IOU]
+
+    def choose_map(self, overlay: HeatmapOverlay) -> None:
+        """Show ``overlay`` in place of the maps stacked on its region (e.g. one filter of
+        64); maps elsewhere keep their state."""
+        for o in self.stack_of(overlay):
+            o.visible = o is overlay
+
     def show_only_map(self, overlay: HeatmapOverlay | None) -> None:
-        """Show one map and hide the others (e.g. the chosen filter of 64)."""
+        """Show one map and hide all others."""
+        self.show_only_maps([overlay] if overlay is not None else [])
+
+    def show_only_maps(self, chosen) -> None:
+        keep = {id(o) for o in chosen}
         for ov in self.maps:
-            ov.visible = ov is overlay
+            ov.visible = id(ov) in keep
 
     def set_colormap(self, name: str) -> None:
         self.colormap = name
@@ -129,8 +190,23 @@ class TraceLayers(QObject):
             ov.set_range(rng)
 
     def set_smooth(self, smooth: bool) -> None:
+        self.smooth = smooth
         for ov in self.maps:
             ov.smooth = smooth
+
+    def set_map_opacity(self, opacity: float) -> None:
+        self.map_opacity = min(max(float(opacity), 0.0), 1.0)
+        for ov in self.maps:
+            ov.opacity = self.map_opacity
+
+    def apply_settings(self, colormap: str, joint: bool, smooth: bool, opacity: float) -> None:
+        """Take the display settings of the Models dock (when this trace becomes current)."""
+        if colormap != self.colormap:
+            self.set_colormap(colormap)
+        if joint != self.joint:
+            self.set_joint(joint)
+        self.set_smooth(smooth)
+        self.set_map_opacity(opacity)
 
     def value_at(self, x: float, y: float) -> tuple[str, float] | None:
         """(map name, value) of the top visible map under a level-0 point."""
@@ -142,32 +218,73 @@ class TraceLayers(QObject):
         return None
 
     # -- the magnification path -------------------------------------------------------------
-    def path(self) -> list[tuple[str, list[tuple[float, float, float, float]], int | None, HeatmapOverlay | None]]:
-        """Stops for stepping: (title, rectangles to frame, field depth, map to show).
+    @property
+    def nested(self) -> bool:
+        """Whether some field lies inside another field the model zoomed into (MagNet's boxes,
+        Zoom-In's sub-tiles), rather than all being samples of the whole view."""
+        by_id = {f.id: f for f in self.trace.fields}
+        return any(f.depth > 0 and f.parent in by_id and by_id[f.parent].depth > 0
+                   for f in self.trace.fields)
 
-        With nested fields: the whole view, then each field of depth 1, 2, ... in order.
-        Without: one stop per attention map, ordered by magnification."""
-        stops: list = []
+    def path(self) -> list[Stop]:
+        """Stops for stepping.
+
+        With nested fields: the whole view, then each field of depth 1, 2, ... in order, each
+        with the attention that chose it. Without: one stop per attention map, ordered by
+        magnification, with the fields read at that magnification highlighted."""
         root = self.trace.roi or (0.0, 0.0, float(self.trace.slide.width), float(self.trace.slide.height))
-        nested = [f for f in self.trace.fields if f.depth > 0]
-        if nested:
-            stops.append(("whole slide", [root], 0, None))
-            for depth in sorted({f.depth for f in nested}):
-                for f in sorted((f for f in nested if f.depth == depth), key=lambda f: f.id):
-                    stops.append((f"depth {depth}: {f.kind} {f.id}", [f.rect], depth, None))
+        fields = [f for f in self.trace.fields if f.depth > 0]
+        if self.nested:
+            stops = [Stop("whole slide" if self.trace.roi is None else "region", [root], 0, None)]
+            for depth in sorted({f.depth for f in fields}):
+                for f in sorted((f for f in fields if f.depth == depth), key=lambda f: f.id):
+                    maps = tuple(self._attention_of(f))
+                    stops.append(Stop(f"depth {depth}: {f.kind} {f.id}", [f.rect], depth,
+                                      None, f.id, maps))
             return stops
+        stops = []
         ordered = sorted(self.maps, key=lambda o: (o.map.magnification or 0.0, self.maps.index(o)))
         for ov in ordered:
-            mag = f" ({ov.map.magnification:.3g}x)" if ov.map.magnification else ""
-            stops.append((f"{ov.map.name}{mag}", [ov.map.rect], None, ov))
+            mag = ov.map.magnification
+            label = f" ({mag:.3g}x)" if mag and f"{mag:.3g}x" not in ov.map.name else ""
+            depths = {f.depth for f in fields if mag and f.magnification
+                      and abs(f.magnification - mag) <= 0.01 * mag}
+            depth = depths.pop() if len(depths) == 1 else None
+            stops.append(Stop(f"{ov.map.name}{label}", [ov.map.rect], depth, ov, None, (ov,)))
+        if not stops and fields:  # fields but no maps: walk them
+            stops.append(Stop("whole slide", [root], 0, None))
+            for f in sorted(fields, key=lambda f: (f.depth, f.id)):
+                stops.append(Stop(f"depth {f.depth}: {f.kind} {f.id}", [f.rect], f.depth, None, f.id))
         return stops
 
-    def focus(self, depth: int | None, field_id: int | None = None, overlay: HeatmapOverlay | None = None) -> None:
-        """Highlight one depth (others dimmed) or one map."""
-        self.fields.set_focus_depth(depth)
-        self.fields.set_highlight(field_id)
-        if overlay is not None:
-            self.show_only_map(overlay)
+    def _attention_of(self, f: Field) -> list[HeatmapOverlay]:
+        """The map(s) laid over ``f``'s parent that chose ``f``: the n-th group of maps
+        belongs to the n-th depth when a trace has as many groups as depths."""
+        parent = self.trace.field_by_id(f.parent) if f.parent is not None else None
+        if parent is None or not self.maps:
+            return []
+        groups = list(self.groups())
+        depths = sorted({g.depth for g in self.trace.fields if g.depth > 0})
+        over = [o for o in self.maps if _iou(o.map.rect, parent.rect) > STACK_IOU]
+        if len(groups) == len(depths) and f.depth in depths:
+            group = groups[depths.index(f.depth)]
+            over = [o for o in over if o.map.group == group]
+        return over[:1]
+
+    def focus(self, stop: Stop | None) -> None:
+        """Highlight one stop: its depth bold and the rest dimmed, its field marked, its
+        attention shown; None (or the whole-view stop) goes back to the plain view."""
+        if stop is None or (stop.depth == 0 and stop.overlay is None):
+            self.fields.set_focus_depth(None)
+            self.fields.set_highlight(None)
+            self.reset_maps()
+            return
+        self.fields.set_focus_depth(stop.depth)
+        self.fields.set_highlight(stop.field_id)
+        if stop.maps:
+            self.show_only_maps(stop.maps)
+        else:
+            self.reset_maps()
 
 
 def _iou(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:

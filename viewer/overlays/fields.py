@@ -1,13 +1,13 @@
 """Fields a model looked at (zoom boxes, tiles, sub-tiles, sampled patches) as rectangles."""
 from __future__ import annotations
 
-from PySide6.QtCore import QRectF
+from PySide6.QtCore import QRectF, Qt
 from PySide6.QtGui import QColor, QPainter, QPen
 
 from engines.trace import Field
 from viewer.camera import Camera
 from viewer.overlays import colormaps
-from viewer.overlays.base import Overlay, camera_transform
+from viewer.overlays.base import Overlay
 
 
 class FieldsOverlay(Overlay):
@@ -47,30 +47,50 @@ class FieldsOverlay(Overlay):
         return max(hits, key=lambda f: (f.depth, -f.rect[2] * f.rect[3]))
 
     def paint(self, painter: QPainter, camera: Camera) -> None:
-        painter.setTransform(camera_transform(camera))
-        painter.setBrush(QColor(0, 0, 0, 0))
+        # Drawn in screen space, one drawRects call per style: with hundreds of tiles the
+        # per-call cost (and the GIL handed back and forth on every call) dominates.
+        painter.resetTransform()
+        painter.setBrush(Qt.BrushStyle.NoBrush)
         vx, vy, vw, vh = camera.view_rect()
-        for f in sorted(self.fields, key=lambda f: f.depth):
+        s = camera.scale
+        ox, oy = camera.to_screen(0.0, 0.0)
+        by_id = {f.id: f for f in self.fields}
+        batches: dict[tuple, list[QRectF]] = {}
+        for f in self.fields:
             x, y, w, h = f.rect
             if x > vx + vw or y > vy + vh or x + w < vx or y + h < vy:
                 continue
-            color = colormaps.depth_color(f.depth)
-            width = self.line_width
+            lit = f.id == self.highlight
+            alpha, width = 255, self.line_width
             if self.focus_depth is not None:
                 if f.depth == self.focus_depth:
                     width *= 1.5
                 else:
-                    color.setAlpha(70)
-            if f.id == self.highlight:
-                color, width = QColor(255, 255, 255), width * 2
+                    alpha = 70
+            parent = by_id.get(f.parent) if f.parent is not None else None
+            # A child covering its whole parent (MagNet keeps the full view as one of its
+            # patches) would hide it: dashes let both colours show.
+            dashed = parent is not None and _same_rect(parent.rect, f.rect)
+            key = (lit, f.depth, alpha, width * (2 if lit else 1), dashed)
+            batches.setdefault(key, []).append(QRectF(ox + x * s, oy + y * s, w * s, h * s))
+        # Shallow first so children show inside their parents; the highlight on top.
+        for (lit, depth, alpha, width, dashed), rects in sorted(batches.items(), key=lambda kv: kv[0][:2]):
+            color = QColor(255, 255, 255) if lit else colormaps.depth_color(depth)
+            if not lit:
+                color.setAlpha(alpha)
             pen = QPen(color)
-            pen.setCosmetic(True)  # constant width on screen at every zoom
-            pen.setWidthF(width)
+            pen.setWidthF(width)  # screen pixels: constant at every zoom
+            if dashed:
+                pen.setDashPattern([3.0, 3.0])
             painter.setPen(pen)
-            painter.drawRect(QRectF(x, y, w, h))
+            painter.drawRects(rects)
 
     def legend(self) -> list[tuple[str, QColor]]:
         kinds: dict[int, str] = {}
         for f in self.fields:
             kinds.setdefault(f.depth, f.kind)
-        return [(f"depth {d}: {kinds[d]}", colormaps.depth_color(d)) for d in sorted(kinds)]
+        return [(f"depth\u00a0{d}:\u00a0{kinds[d]}", colormaps.depth_color(d)) for d in sorted(kinds)]
+
+
+def _same_rect(a, b, tol: float = 1.0) -> bool:
+    return all(abs(p - q) <= tol for p, q in zip(a, b))
