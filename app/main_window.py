@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from pathlib import Path
 
-from PySide6.QtCore import QMimeData, QSettings, Qt, QTimer, Signal
+from PySide6.QtCore import QBuffer, QByteArray, QIODevice, QMimeData, QSettings, Qt, QTimer, Signal
 from PySide6.QtGui import QAction, QCloseEvent, QDragEnterEvent, QDropEvent, QKeySequence
 from PySide6.QtWidgets import (
     QApplication,
@@ -25,7 +24,7 @@ from app.models_dock import ModelsPanel
 from app.trail_dock import TrailPlot
 from app.settings import APPLICATION, ORGANIZATION, AppSettings
 from engines.slide import Slide, SlideError
-from engines.trace import TraceError
+from engines.trace import TraceError, write_atomic
 from viewer.canvas import SlideCanvas
 from viewer.minimap import Minimap
 
@@ -514,19 +513,12 @@ def _first_local_file(mime: QMimeData | None) -> str | None:
 def _save_png_atomic(image, target: Path) -> None:
     if image is None or image.isNull():
         raise RuntimeError("the view could not be rendered")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".png", dir=target.parent)
-    os.close(fd)
-    try:
-        if not image.save(tmp, "PNG"):
-            raise OSError("the PNG could not be written")
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    data = QByteArray()
+    buf = QBuffer(data)
+    buf.open(QIODevice.OpenModeFlag.WriteOnly)
+    if not image.save(buf, "PNG"):
+        raise OSError("the PNG could not be written")
+    write_atomic(Path(target), bytes(data))
 
 
 def launch(slide_path: str | None = None, model: str | None = None,

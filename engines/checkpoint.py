@@ -12,7 +12,6 @@ import hashlib
 import io
 import os
 import pickle
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 
 from engines import registry
+from engines.trace import write_atomic
 
 CHECKPOINT_FORMAT = 1
 REQUIRED_KEYS = ("format", "model", "preset", "config", "classes", "state_dict")
@@ -101,20 +101,9 @@ def _config_dict(config: Any) -> dict[str, Any]:
 
 
 def _save_atomic(target: Path, data: dict[str, Any]) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(data, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    buf = io.BytesIO()
+    torch.save(data, buf)  # a failure here leaves the old file untouched
+    write_atomic(target, buf.getvalue())
 
 
 # ---------------------------------------------------------------------------------------
