@@ -42,7 +42,8 @@ def evaluate(name: str, ckpt: Path, data_dir: Path, positive: str = "tumor") -> 
     scores, labels, correct, loc = [], [], 0, []
     t0 = time.perf_counter()
     test = data.split("test")
-    for sample in test:
+    for i, sample in enumerate(test):
+        torch.manual_seed(i)  # the sampling models draw at random: the same draws every run
         slide = Slide(sample.path)
         try:
             trace = infer.run(model, slide)
@@ -64,7 +65,8 @@ def evaluate(name: str, ckpt: Path, data_dir: Path, positive: str = "tumor") -> 
         "auroc": round(auroc(scores, labels), 3),
         "localisation": round(float(np.mean(loc)), 2) if loc else None,
         "train_minutes": info.get("train_minutes"),
-        "epochs": info.get("epochs_done"),
+        "epochs": (sum(st.get("epochs_done", 0) for st in info["stages"]) if "stages" in info
+                   else info.get("epochs_done")),
         "test_slides": len(test),
         "positives": int(sum(labels)),
         "eval_s": round(time.perf_counter() - t0, 1),

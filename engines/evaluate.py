@@ -10,9 +10,12 @@ What "attention" means per model (``SOURCES``):
 * attention maps (``grid_attention``: every map, averaged; ``local_learning``: the ``head``
   map): each cell holds ``max(value, 0)`` of mass and contributes ``mass * (area of the cell
   inside the union of needles) / cell area``; the share inside is that sum over the map's mass.
-* sampled fields (``magnet``, ``zoom_in``, ``spatial_mag``): the fields at the deepest depth
-  the model sampled (depth 0, the view, excluded), weighted by their area; the share inside is
-  the area of those fields inside the union of needles over their total area.
+* sampled fields (``magnet``, ``zoom_in``): the fields at the deepest depth the model sampled
+  (depth 0, the view, excluded), weighted by their area; the share inside is the area of
+  those fields inside the union of needles over their total area.
+* sampled patches (``spatial_mag``): its k patches are drawn across magnifications, not nested
+  (depth there is the magnification), so each patch counts once, whatever its size: the share
+  inside is the mean over the patches of the share of each patch inside the needles.
 
 All rectangles are level-0 ``(x, y, w, h)``. The slide area includes white glass, so attention
 that merely avoids the background scores a little above 1.
@@ -28,13 +31,13 @@ from engines.trace import AttentionMap, Trace
 
 Rect = Sequence[float]
 
-# model -> ("maps", group or None for all maps) or ("fields", None)
+# model -> ("maps", group or None for all maps), ("fields", None) or ("patches", None)
 SOURCES: dict[str, tuple[str, str | None]] = {
     "grid_attention": ("maps", None),
     "local_learning": ("maps", "head"),
     "magnet": ("fields", None),
     "zoom_in": ("fields", None),
-    "spatial_mag": ("fields", None),
+    "spatial_mag": ("patches", None),
 }
 
 
@@ -105,6 +108,11 @@ def attention_inside(trace: Trace, needles: Sequence[Rect]) -> float | None:
     fields = [f for f in trace.fields if f.depth > 0]
     if not fields:
         return None
+    if what == "patches":
+        rects = np.array([f.rect for f in fields], float)
+        areas = rects[:, 2] * rects[:, 3]
+        ok = areas > 0
+        return float(np.mean(covered_area(rects[ok], needles) / areas[ok])) if ok.any() else None
     deepest = max(f.depth for f in fields)
     rects = np.array([f.rect for f in fields if f.depth == deepest], float)
     area = float((rects[:, 2] * rects[:, 3]).sum())

@@ -233,6 +233,15 @@ def _rect_feature(rect: Rect, *, name: str, classification: str, props: dict[str
             "properties": properties}
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)  # the only way to read it; done once, at import, before any thread
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 def write_atomic(path: Path, text: str | bytes) -> None:
     """Write to a temporary file beside ``path`` and rename it over, so a crash never
     leaves half a file."""
@@ -244,6 +253,9 @@ def write_atomic(path: Path, text: str | bytes) -> None:
             fh.write(text.encode("utf-8") if isinstance(text, str) else text)
             fh.flush()
             os.fsync(fh.fileno())
+        # mkstemp makes the file private (0600); give it the permissions a plain open()
+        # would, so exports and checkpoints stay readable to whoever could read them before.
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -193,6 +193,17 @@ def _epoch_plan(samples: list[Sample], seed: int, epoch: int, augment: bool) -> 
     return order, orients
 
 
+def _selection_key(metrics: dict[str, float]) -> float:
+    """What ``best`` maximises: validation AUROC, ties (common on a small validation split
+    once it is separated perfectly) broken by the lower validation loss; without AUROC, the
+    negative loss. The loss enters scaled into the gap between distinct AUROC values."""
+    loss = metrics.get("val_loss", metrics.get("train_loss", 0.0))
+    auc = metrics.get("val_auroc", float("nan"))
+    if math.isnan(auc):
+        return -loss
+    return auc - 1e-4 * min(loss, 100.0)
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, on_event: Callable[[object], None] | None = None,
                  control: TrainControl | None = None) -> None:
@@ -351,9 +362,7 @@ class Trainer:
             metrics = {"epoch": float(epoch + 1), "train_loss": run_loss / max(n_loss, 1),
                        "lr": float(opt.param_groups[0]["lr"])}
             metrics.update(self.evaluate(model, val_set, data))
-            key = metrics.get("val_auroc", float("nan"))
-            if math.isnan(key):
-                key = -metrics.get("val_loss", metrics["train_loss"])
+            key = _selection_key(metrics)
             is_best = best is None or key > best
             if is_best:
                 best = key

@@ -55,6 +55,15 @@ def test_deepest_sampled_fields_count_by_area():
     assert localisation(t, [NEEDLE]) == pytest.approx(50.0)
 
 
+def test_spatial_mag_patches_count_once_each_at_any_magnification():
+    coarse = Field(1, 0, 1, (0, 0, 500, 400), 0.5, "patch")  # holds the whole needle: 4 % of it
+    fine = Field(2, 0, 3, (600, 600, 50, 40), 0.5, "patch")  # no needle
+    t = trace("spatial_mag", fields=[coarse, fine])
+    assert attention_inside(t, [NEEDLE]) == pytest.approx((8000 / 200000 + 0.0) / 2)
+    # Only the deepest level would have counted the fine patch alone and missed the needle.
+    assert attention_inside(trace("magnet", fields=[coarse, fine]), [NEEDLE]) == 0.0
+
+
 def test_overlapping_needles_count_their_union_once():
     a, b = [0, 0, 100, 100], [50, 50, 100, 100]
     assert needle_share([a, b], W, H) == pytest.approx((10000 + 10000 - 2500) / (W * H))

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 
-from engines.trace import AttentionMap, Field, SlideRef, Trace, TraceError, TrailStep
+from engines.trace import AttentionMap, Field, SlideRef, Trace, TraceError, TrailStep, write_atomic
 
 
 def _trace() -> Trace:
@@ -55,3 +57,13 @@ def test_field_containment():
     parent = Field(0, None, 0, (0, 0, 100, 100))
     assert parent.contains(Field(1, 0, 1, (10, 10, 50, 50)))
     assert not parent.contains(Field(2, 0, 1, (60, 60, 50, 50)))
+
+
+def test_atomic_writes_keep_ordinary_permissions(tmp_path):
+    target = tmp_path / "out.json"
+    write_atomic(target, "{}")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~mask
+    assert target.read_text() == "{}"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]  # no temporary file left

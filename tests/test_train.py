@@ -129,3 +129,15 @@ def test_auroc_matches_pairwise_definition():
     pos, neg = s[y == 1], s[y == 0]
     pairs = [(p > n) + 0.5 * (p == n) for p in pos for n in neg]
     assert auroc(list(s), list(y)) == pytest.approx(np.mean(pairs))
+
+
+def test_best_checkpoint_prefers_auroc_then_lower_validation_loss():
+    from engines.train import _selection_key
+
+    tied_low = _selection_key({"val_auroc": 1.0, "val_loss": 0.05, "train_loss": 1.0})
+    tied_high = _selection_key({"val_auroc": 1.0, "val_loss": 0.6, "train_loss": 1.0})
+    assert tied_low > tied_high  # a perfect split more than once: the more confident epoch
+    worse_auc = _selection_key({"val_auroc": 35 / 36, "val_loss": 0.0, "train_loss": 1.0})
+    assert tied_high > worse_auc  # the loss never outweighs one pair of 6 x 6 slides
+    no_auc = _selection_key({"val_auroc": float("nan"), "val_loss": 0.3, "train_loss": 1.0})
+    assert no_auc == -0.3

@@ -7,6 +7,7 @@ network starts from random initialisation and a warning says so.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -76,6 +77,18 @@ def resnet_trunk(arch: str = "resnet18", weights_path=None, *, drop_pool: bool =
     if not drop_pool:
         layers.append(net.avgpool)
     return nn.Sequential(*layers)
+
+
+def conv_stages(chans: list[int], stride: int = 2) -> list[nn.Module]:
+    """3x3 conv -> GroupNorm -> ReLU for each step of ``chans`` (the small CNNs of the tiny
+    presets). GroupNorm rather than BatchNorm: these nets see one slide per step, so a batch
+    is the patches of one slide (or a single thumbnail); BatchNorm would then normalise away
+    what sets a slide apart and behave differently in training and in inference."""
+    layers: list[nn.Module] = []
+    for cin, cout in zip(chans[:-1], chans[1:]):
+        layers += [nn.Conv2d(cin, cout, 3, stride, 1, bias=False),
+                   nn.GroupNorm(math.gcd(8, cout), cout), nn.ReLU(inplace=True)]
+    return layers
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -24,8 +24,9 @@ Departures, and why
 -------------------
 * Backbone: torchvision's ResNet-18 (post-activation), not the pre-activation variant, because
   torchvision ships only the former and the ImageNet weights a user has match it. The ``tiny``
-  preset uses a four-stage CNN of 3x3 stride-2 convolutions (64-d features, 64 px tiles) so that
-  it trains on a laptop CPU; it is trained from scratch, so its early stages are not frozen.
+  preset uses a four-stage CNN of 3x3 stride-2 convolutions with GroupNorm (64-d features, 64 px
+  tiles) so that it trains on a laptop CPU; it is trained from scratch, so its early stages are
+  not frozen.
 * Normalisation: ImageNet mean and std instead of statistics over the training tissue.
 * Grid: the paper floors H/h and W/w and drops the margins. We use round() and stretch the cells
   to fill the view exactly, so no tissue is dropped, nothing is read outside the view and even a
@@ -163,8 +164,7 @@ class Trunk(nn.Module):
 
 def _small_trunk(width: int) -> Trunk:
     def stage(cin: int, cout: int) -> nn.Sequential:
-        return nn.Sequential(nn.Conv2d(cin, cout, 3, 2, 1, bias=False), nn.BatchNorm2d(cout),
-                             nn.ReLU(inplace=True))
+        return nn.Sequential(*backbones.conv_stages([cin, cout]))
 
     w = max(4, int(width))
     stem = nn.Sequential(stage(3, w // 4), stage(w // 4, w // 2))
@@ -183,7 +183,7 @@ def _he_init(module: nn.Module) -> None:
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 

@@ -11,7 +11,7 @@ How the code maps to the paper
   computed and its graph is freed before the next module runs; that is where the memory
   saving of the paper comes from (Table 2).
 * Section 2.1, auxiliary model ``G_i = (A_i, U_i)`` for i < K. ``A_i`` (``GatedMILHead``): a
-  convolution with kernel = stride, GroupNorm, ReLU, gated attention pooling (Ilse et al.)
+  convolution with kernel = stride, GroupNorm over each cell's channels, ReLU, gated attention pooling (Ilse et al.)
   over the cells, and a two-layer MLP. ``U_i`` (``RandomFeatureReconstruction``): 10 random
   crops of ``x_i``, upsampled to the resolution of ``x_{i-1}``, two 3x3 convolutions back to
   the channels of ``x_{i-1}``, L1 against the aligned crop of ``x_{i-1}`` (for module 1 that is
@@ -202,10 +202,13 @@ def module_groups(blocks: tuple[int, ...], k: int) -> list[list[tuple[int, int]]
 # Heads
 # ---------------------------------------------------------------------------------------
 class GatedMILHead(nn.Module):
-    """Conv (kernel = stride) -> GroupNorm -> ReLU -> gated attention pooling -> MLP.
+    """Conv (kernel = stride) -> GroupNorm per cell -> ReLU -> gated attention pooling -> MLP.
 
+    The norm acts on each cell's channel vector alone: normalising over the whole map (a
+    GroupNorm over H x W) makes the mean of the instances the same for every slide, so a
+    small tumour region barely moves the uniformly pooled feature a fresh head starts from.
     ``proj`` is local (it can run strip by strip); ``pool`` needs the whole projected map
-    because GroupNorm and the softmax are over all cells."""
+    because the softmax is over all cells."""
 
     def __init__(self, in_ch: int, kernel: int, dim: int, attn_dim: int, groups: int, classes: int) -> None:
         super().__init__()
@@ -219,7 +222,7 @@ class GatedMILHead(nn.Module):
     def pool(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(1, dim, h, w) projected map -> logits (C,), attention (h, w) summing to 1."""
         h, w = z.shape[-2:]
-        inst = F.relu(self.norm(z)).flatten(2)[0].t()  # (h*w, dim)
+        inst = F.relu(self.norm(z.flatten(2)[0].t()[:, :, None]))[:, :, 0]  # (h*w, dim)
         gate = torch.tanh(self.attn_v(inst)) * torch.sigmoid(self.attn_u(inst))
         a = torch.softmax(self.attn_w(gate).squeeze(1), 0)
         return self.mlp(a @ inst), a.view(h, w)

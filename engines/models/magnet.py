@@ -55,8 +55,8 @@ Where it departs from the paper, and why
   512 and 16 channels per branch). Auxiliary classifiers run in training only.
 * The ``paper`` tree is 2-3-3 patches (18 final patches, as in the paper's Fig. 4 for 3 layers).
   How the auxiliary ResNets pool several images into one slide prediction is not stated; we
-  average their features. ``tiny`` keeps 56/112 px and the 3-layer tree (2-2-2) with small CNNs
-  and 96 px final crops so it trains on a laptop CPU.
+  average their features. ``tiny`` keeps 56/112 px and the 3-layer tree (2-2-2) with small
+  GroupNorm CNNs (``backbones.conv_stages``) and 96 px final crops so it trains on a laptop CPU.
 * Pixels come only through ``SlideView.read_tensor``; the grey filter of Sec. 4.2 is the view's
   ``grey_filter`` option, set by whoever builds the view.
 
@@ -240,16 +240,12 @@ class GroupedLocaliser(nn.Module):
 
 
 class SmallCNN(nn.Module):
-    """Four stride-2 conv-BN-ReLU layers and a global average: the ``tiny`` feature net."""
+    """Four stride-2 conv-GN-ReLU layers and a global average: the ``tiny`` feature net."""
 
     def __init__(self, width: int) -> None:
         super().__init__()
         chans = [3, width, 2 * width, 4 * width, 8 * width]
-        layers: list[nn.Module] = []
-        for cin, cout in zip(chans[:-1], chans[1:]):
-            conv = nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False)
-            layers += [conv, nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
-        self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.body = nn.Sequential(*backbones.conv_stages(chans), nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.out_features = chans[-1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -457,7 +453,7 @@ class MagNet(SlideModel):
         """GRU over the final patches in tree order -> (T, C) logits, one row per step."""
         cfg = self.config
         t_all = patches.shape[0]
-        # Training embeds all patches at once (BatchNorm statistics over the slide's patches).
+        # Training embeds all patches at once (one batch, as BatchNorm in ``paper`` expects).
         chunk = cfg.chunk if emit is not None else t_all
         hidden = None
         logits = []

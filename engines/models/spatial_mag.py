@@ -37,8 +37,9 @@ Departures, and why:
   the "magnifications" are those the grid implies (the paper used 2048x1536 images).
 * Inception V3 is built with PyTorch's default initialisation instead of torchvision's slow
   truncated-normal one; it only matters when no ImageNet weights are given.
-* ``tiny`` replaces both Inception networks by a four-layer stride-16 CNN so it trains on a
-  laptop CPU; its 128x96 thumbnail yields the same 8x6 feature grid as the paper's h.
+* ``tiny`` replaces both Inception networks by a four-layer stride-16 CNN with GroupNorm
+  (``backbones.conv_stages``) so it trains on a laptop CPU; its 128x96 thumbnail yields the
+  same 8x6 feature grid as the paper's h.
 
 Trace (``explain``): the view (id 0); one AttentionMap per magnification (group
 "magnification", cells exactly on the view's level-0 rectangle); one Field per sampled patch
@@ -115,18 +116,11 @@ PRESETS = {
 # Networks
 # ---------------------------------------------------------------------------------------
 class SmallCNN(nn.Sequential):
-    """Four stride-2 conv-BN-ReLU layers: (B,3,H,W) -> (B, 8*width, H/16, W/16)."""
+    """Four stride-2 conv-GN-ReLU layers: (B,3,H,W) -> (B, 8*width, H/16, W/16)."""
 
     def __init__(self, width: int) -> None:
         chans = [3, width, 2 * width, 4 * width, 8 * width]
-        layers: list[nn.Module] = []
-        for cin, cout in zip(chans[:-1], chans[1:]):
-            layers += [
-                nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False),
-                nn.BatchNorm2d(cout),
-                nn.ReLU(inplace=True),
-            ]
-        super().__init__(*layers)
+        super().__init__(*backbones.conv_stages(chans))
         self.out_channels = chans[-1]
 
 
