@@ -52,7 +52,8 @@ def test_presets_build_with_paper_sizes():
 
 
 @pytest.mark.parametrize("bad", [{"backbone": "vgg"}, {"filters": 0}, {"kernel": 2},
-                                 {"dropout": 1.0}, {"batch_size": 0}])
+                                 {"dropout": 1.0}, {"batch_size": 0},
+                                 {"sharpen_weight": -0.1}])
 def test_bad_config_is_refused_with_a_message(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         registry.create("grid_attention", "tiny", **bad)
@@ -152,6 +153,29 @@ def test_training_lowers_the_loss_and_reaches_attention():
         losses.append(float(out.loss.detach()))
     assert model.last_grid.count == 16
     assert losses[-1] < losses[0] - 0.05
+
+
+def test_sharpening_term_is_the_maps_entropy_and_narrows_them():
+    assert float(ga.normalised_entropy(torch.full((2, 8), 1 / 8), 8)) == pytest.approx(1.0)
+    assert float(ga.normalised_entropy(torch.eye(8)[:2], 8)) == pytest.approx(0.0, abs=1e-6)
+    view = small_view()
+    entropies = {}
+    for weight in (0.0, 2.0):
+        model = tiny(tile_size=128.0, scale_jitter=0.0, dropout=0.0, sharpen_weight=weight).train()
+        opt = model.make_optimizer(3e-3)
+        for _ in range(6):
+            opt.zero_grad()
+            out = model.training_step(view, 1)
+            out.loss.backward()
+            opt.step()
+        if weight:
+            assert out.parts["loss"] == pytest.approx(out.parts["ce"] + weight * out.parts["entropy"],
+                                                      rel=1e-5)
+        with torch.no_grad():
+            grid, _, keep = model.plan(view)
+            _, alpha = model.head(model.feature_grid(ga._TileFeatures(model, view, grid, keep)), keep)
+        entropies[weight] = float(ga.normalised_entropy(alpha.reshape(alpha.shape[0], -1), len(keep)))
+    assert entropies[2.0] < entropies[0.0] - 0.02
 
 
 def test_streamed_backward_equals_keeping_activations():

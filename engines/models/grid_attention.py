@@ -13,7 +13,8 @@ How the code maps to the paper
   filter: m such filters are precisely ``Conv2d(N, m, 3, padding=1)`` over the feature grid
   seen as an N-channel image. Each of the m raw maps goes through a softmax over all grid cells
   (eq. 1); each map weights ``U`` into one N-d vector (eq. 2); the m vectors are concatenated,
-  passed through dropout (p = 0.5) and a fully connected layer. Loss: cross-entropy only.
+  passed through dropout (p = 0.5) and a fully connected layer. Loss: cross-entropy only
+  (``sharpen_weight`` can add the maps' entropy; 0 by default, as in the paper).
 * Section 4.3. ``paper`` preset: ResNet-18 trunk, 492 px tiles at 20x resized to 224 px,
   m = 64 filters, dropout 0.5, every residual block but the last frozen, Adam (the base class's
   optimiser). He init for convolutions, unit/zero BatchNorm, Glorot for the classifier. Training
@@ -86,6 +87,9 @@ class GridAttentionConfig:
     max_tiles: int = 250_000  # refuse grids larger than this (bounded feature-grid memory)
     max_tile_fields: int = 2000  # emit tile Fields only up to this many tiles
     small_width: int = 64  # feature size of the "small" backbone
+    # Weight of the mean normalised entropy of the m maps added to the loss (0: the paper's
+    # CE only). A positive weight sharpens the maps, for needles of one or two tiles.
+    sharpen_weight: float = 0.0
 
 
 PRESETS = {
@@ -146,6 +150,15 @@ def tissue_fractions(view: SlideView, grid: Grid) -> np.ndarray:
     total = (sat[y1][:, x1] - sat[y0][:, x1] - sat[y1][:, x0] + sat[y0][:, x0]).astype(np.float64)
     area = (y1 - y0)[:, None] * (x1 - x0)[None, :]
     return (total / area).reshape(-1)
+
+
+def normalised_entropy(alpha: torch.Tensor, cells: int) -> torch.Tensor:
+    """Mean entropy of the rows of ``alpha`` (maps over ``cells`` unmasked cells) divided by
+    log(cells): 1 for a flat map, 0 for a map on one cell."""
+    if cells < 2:
+        return alpha.new_zeros(())
+    h = -(alpha * torch.log(alpha.clamp_min(1e-12))).sum(dim=1)
+    return h.mean() / float(np.log(cells))
 
 
 # ---------------------------------------------------------------------------------------
@@ -295,6 +308,8 @@ class GridAttention(SlideModel):
             raise ValueError(f"dropout must be in [0, 1), got {config.dropout}")
         if not 0.0 <= config.scale_jitter < 1.0:
             raise ValueError(f"scale_jitter must be in [0, 1), got {config.scale_jitter}")
+        if not config.sharpen_weight >= 0.0:
+            raise ValueError(f"sharpen_weight must not be negative, got {config.sharpen_weight}")
         if config.backbone == "small":
             self.trunk = _small_trunk(config.small_width)
             _he_init(self.trunk)
@@ -403,9 +418,15 @@ class GridAttention(SlideModel):
         self.last_grid = grid
         self.tiles_processed = 0
         u = self.feature_grid(_TileFeatures(self, view, grid, keep))
-        logits, _ = self.head(u, keep)
-        loss = F.cross_entropy(logits[None], torch.tensor([int(label)], device=logits.device))
-        return StepOutput(loss, logits, {"ce": float(loss.detach())})
+        logits, alpha = self.head(u, keep)
+        ce = F.cross_entropy(logits[None], torch.tensor([int(label)], device=logits.device))
+        parts = {"ce": float(ce.detach())}
+        loss = ce
+        if self.config.sharpen_weight > 0:
+            h = normalised_entropy(alpha.reshape(self.config.filters, -1), len(keep))
+            loss = ce + self.config.sharpen_weight * h
+            parts.update(loss=float(loss.detach()), entropy=float(h.detach()))
+        return StepOutput(loss, logits, parts)
 
     # -- inference ---------------------------------------------------------------------------
     def explain(self, view: SlideView, emit: Emit) -> list[float]:

@@ -1,0 +1,87 @@
+"""The demo-training script: the combined last-stage manifest never carries a test slide of
+the target set, and every shipped checkpoint's record keeps to the 60-minute budget."""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from engines import registry
+from engines.data import read_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((ROOT / "resources" / "checkpoints").glob("*.json"))
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("train_demos", ROOT / "benchmarks" / "train_demos.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _manifest(folder: Path, rows: list[tuple[str, str, str]]) -> None:
+    folder.mkdir(parents=True)
+    with open(folder / "manifest.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["slide", "label", "split"])
+        for name, label, split in rows:
+            (folder / name).write_bytes(b"")
+            w.writerow([name, label, split])
+
+
+def test_target_stage_manifest_joins_sets_without_test_slides(tmp_path):
+    t = _script()
+    data = tmp_path / "needles"
+    _manifest(data, [("a.tiff", "tumor", "train"), ("b.tiff", "normal", "train"),
+                     ("c.tiff", "tumor", "val"), ("d.tiff", "normal", "val"),
+                     ("e.tiff", "tumor", "test"), ("f.tiff", "normal", "test")])
+    _manifest(tmp_path / "needles-extra1", [("a.tiff", "tumor", "train"), ("b.tiff", "normal", "val"),
+                                            ("c.tiff", "tumor", "test")])
+    manifest = t.stage_manifest(data, "target", ("needles", "extra1"), size=64)
+    assert manifest == tmp_path / "needles-target" / "manifest.csv"
+    ds = read_manifest(manifest, check_slides=False)
+    by_split = {}
+    for s in ds.samples:
+        by_split.setdefault(s.split, []).append(s.path)
+    assert "test" not in by_split
+    assert sorted(p.name for p in by_split["val"]) == ["c.tiff", "d.tiff"]
+    assert all(p.parent == data for p in by_split["val"])  # validation only from the target set
+    extra = [p for p in by_split["train"] if p.parent.name == "needles-extra1"]
+    assert sorted(p.name for p in extra) == ["a.tiff", "b.tiff", "c.tiff"]  # all of it trains
+    assert len(by_split["train"]) == 5
+    assert all(p.is_absolute() for s in by_split.values() for p in s)
+
+
+def test_one_set_stage_uses_its_own_manifest(tmp_path):
+    t = _script()
+    data = tmp_path / "needles"
+    _manifest(data, [("a.tiff", "tumor", "train"), ("b.tiff", "normal", "train")])
+    assert t.stage_manifest(data, "needles", ("needles",), size=64) == data / "manifest.csv"
+
+
+def test_every_recipe_names_known_stages_within_the_budget():
+    t = _script()
+    names = [stage for stage, _ in t.STAGES]
+    for model, recipe in t.RECIPES.items():
+        assert len(recipe["minutes"]) == len(names), model
+        assert 0 < sum(recipe["minutes"]) <= 60, model
+        built = registry.create(model, "tiny", **recipe["overrides"])  # unknown keys raise
+        for key, value in recipe["overrides"].items():
+            got = getattr(built.config, key)
+            assert (tuple(map(tuple, got)) if key == "grids" else got) == value, (model, key)
+        for _, sets in t.STAGES:
+            assert set(sets) <= set(t.DATASETS)
+
+
+@pytest.mark.skipif(not SHIPPED, reason="no checkpoint records shipped")
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_records_keep_to_sixty_minutes(path):
+    info = json.loads(path.read_text())
+    assert info["model"] == path.stem
+    assert info["train_minutes"] <= 60
+    assert abs(info["train_minutes"] - sum(s["train_minutes"] for s in info["stages"])) < 0.05
+    assert (path.with_suffix(".pt")).exists()
