@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
-import os
 import sys
 import threading
 import time
@@ -45,6 +45,7 @@ from engines.data import read_manifest  # noqa: E402
 from engines.sampling import SlideView  # noqa: E402
 from engines.slide import Slide  # noqa: E402
 from engines.train import TrainConfig, TrainControl, train  # noqa: E402
+from engines.trace import write_atomic  # noqa: E402
 
 CHECKPOINTS = ROOT / "resources" / "checkpoints"
 STAGE_FILE = "stage.json"  # a finished stage's summary, in its run folder
@@ -163,15 +164,12 @@ def stage_manifest(data: Path, stage: str, sets: tuple[str, ...], size: int) -> 
                     continue
                 path = (manifest.parent / row["slide"]).resolve()
                 rows.append((str(path), row["label"], split if k == 0 else "train"))
-    folder = data.parent / f"{data.name}-{stage}"
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / "manifest.csv"
-    tmp = target.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["slide", "label", "split"])
-        w.writerows(rows)
-    os.replace(tmp, target)
+    target = data.parent / f"{data.name}-{stage}" / "manifest.csv"
+    text = io.StringIO(newline="")
+    w = csv.writer(text)
+    w.writerow(["slide", "label", "split"])
+    w.writerows(rows)
+    write_atomic(target, text.getvalue())
     return target
 
 
@@ -226,9 +224,7 @@ def train_stage(name: str, manifest: Path, out: Path, minutes: float, threads: i
 
 
 def write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=1))
 
 
 def stage_checkpoint(run: Path) -> Path:
