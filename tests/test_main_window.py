@@ -464,4 +464,6 @@ def test_signal_emits_cannot_use_up_the_references_to_true():
     for _ in range(5000):
         probe.ping.emit()
     leaked = before - sys.getrefcount(True)
-    assert leaked == 0 or sys.getrefcount(True) > 1_000_000
+    # A leaking build loses one reference per emit (5000 here); other live threads may move the
+    # count by a few either way, which is not a leak.
+    assert leaked < 50 or sys.getrefcount(True) > 1_000_000
