@@ -127,6 +127,33 @@ def _check_model_name(name: str | None) -> None:
         raise UsageError(f"unknown model {name!r}; choose one of {', '.join(registry.list_models())}")
 
 
+def device_arg(text: str) -> str:
+    """``--device``: auto, cpu, cuda or cuda:N (checked for spelling only; whether the GPU
+    exists is asked of torch when the command runs)."""
+    from engines.devices import check_device_spec  # light: torch loads on first real use
+
+    try:
+        return check_device_spec(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_device(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--device", type=device_arg, default="auto", metavar="{auto,cpu,cuda,cuda:N}",
+                   help=f"where {what} runs: auto (default) takes the GPU when torch sees one "
+                        "(under torchrun each process its own), else the CPU")
+
+
+def _resolve_device(args: argparse.Namespace):
+    """The torch.device of ``--device``; a GPU asked for but missing is bad input (exit 2)."""
+    from engines.devices import local_rank, resolve_device
+
+    try:
+        return resolve_device(args.device, local_rank())
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def _add_backbone_weights(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone-weights", metavar="FILE",
                    help="local ImageNet weights for the backbone of an untrained model "
@@ -207,6 +234,7 @@ def _configure_infer(p: argparse.ArgumentParser) -> None:
     p.add_argument("--roi", type=parse_rect, metavar="X,Y,W,H",
                    help="run on this level-0 rectangle only")
     p.add_argument("--threads", type=positive_int, metavar="N", help="torch threads")
+    _add_device(p, "the model")
     _add_backbone_weights(p)
 
 
@@ -300,8 +328,9 @@ def _model_for(args: argparse.Namespace, cmd: str):
     return model, None
 
 
-def _run_model(model, slide, roi, sha: str | None):
-    """``engines.infer.run`` with a progress bar on stderr; returns the Trace."""
+def _run_model(model, slide, roi, sha: str | None, device=None):
+    """``engines.infer.run`` (on ``device``, a torch.device or None for where the model is)
+    with a progress bar on stderr; returns the Trace."""
     from engines import infer
     from engines.trace import Progress
 
@@ -312,7 +341,7 @@ def _run_model(model, slide, roi, sha: str | None):
             bar.update(event.done, event.total, event.stage)
 
     try:
-        return infer.run(model, slide, on_event=on_event, roi=roi, checkpoint_id=sha)
+        return infer.run(model, slide, on_event=on_event, roi=roi, checkpoint_id=sha, device=device)
     finally:
         bar.finish()
 
@@ -325,8 +354,9 @@ def _infer(args: argparse.Namespace, slide) -> int:
             infer.check_roi(args.roi, slide)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
+    device = _resolve_device(args)
     model, sha = _model_for(args, "infer")
-    trace = _run_model(model, slide, args.roi, sha)
+    trace = _run_model(model, slide, args.roi, sha, device)
     if args.out:
         trace.save(args.out)
     if args.geojson:
@@ -371,6 +401,7 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
                    help="slides per optimiser step (gradient accumulation; default: the preset's)")
     p.add_argument("--seed", type=seed_int, default=0, help="seed of the split, order and augmentation")
     p.add_argument("--threads", type=positive_int, metavar="N", help="torch threads per process")
+    _add_device(p, "training")
     _add_backbone_weights(p)
 
 
@@ -456,7 +487,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     _check_train_args(args)
     from engines.train import init_distributed
 
-    rank, world = init_distributed()  # a no-op unless torchrun started several processes
+    device = _resolve_device(args)  # before the processes meet: a missing GPU is bad input
+    rank, world = init_distributed(device)  # a no-op unless torchrun started several processes
     try:
         return _train(args, rank, world)
     finally:
@@ -474,7 +506,7 @@ def _train(args: argparse.Namespace, rank: int, world: int) -> int:
     cfg = TrainConfig(manifest=args.manifest, model=args.model, preset=args.preset, out=args.out,
                       epochs=args.epochs, lr=args.lr, accumulation=args.accumulation, seed=args.seed,
                       resume=args.resume, init=args.init, freeze_backbone=args.freeze_backbone,
-                      threads=args.threads,
+                      threads=args.threads, device=args.device,
                       overrides=backbone_overrides(args.model, args.preset, args.backbone_weights))
     bar = ProgressPrinter(sys.stderr, label_width=72)  # only rank 0 gets events to draw
 
@@ -637,6 +669,7 @@ def _configure_snapshot(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=_layers_arg, default=None, metavar="LIST",
                    help="overlays to draw: any of boxes,maps,trail, or none (default all)")
     p.add_argument("--threads", type=positive_int, metavar="N", help="torch threads")
+    _add_device(p, "the model")
     _add_backbone_weights(p)
 
 
@@ -658,8 +691,9 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
             if x >= slide.width or y >= slide.height or x + w <= 0 or y + h <= 0:
                 raise UsageError(f"--view {x:g},{y:g},{w:g},{h:g} lies outside the "
                                  f"{slide.width}x{slide.height} slide")
+        device = _resolve_device(args)
         model, sha = _model_for(args, "snapshot")
-        trace = _run_model(model, slide, None, sha)
+        trace = _run_model(model, slide, None, sha, device)
         from app.snapshot import LAYER_NAMES, render_trace
 
         layers = set(LAYER_NAMES) if args.layers is None else args.layers

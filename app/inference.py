@@ -57,8 +57,18 @@ def lower_thread_priority(nice: int = ENGINE_NICE) -> None:
         pass
 
 
-def make_inference_job(request: RunRequest, slide: Slide, roi, nice: int = ENGINE_NICE):
-    """The callable the engine thread runs for one Run press."""
+def inference_device() -> str:
+    """Where the viewer runs models: ``MAGLENS_DEVICE`` when set (auto, cpu, cuda, cuda:N),
+    else "auto" (this machine's first GPU when torch sees one, the CPU otherwise)."""
+    return os.environ.get("MAGLENS_DEVICE", "").strip() or "auto"
+
+
+def make_inference_job(request: RunRequest, slide: Slide, roi, nice: int = ENGINE_NICE,
+                       device: str | None = None):
+    """The callable the engine thread runs for one Run press. The model is built, moved to
+    ``device`` (default ``inference_device()``) and run on the engine thread, never on the
+    GUI thread."""
+    device = device or inference_device()
 
     def job(emit, cancel: threading.Event) -> Trace:
         # Painting must win over the model when both want a core: the canvas stays smooth
@@ -73,7 +83,7 @@ def make_inference_job(request: RunRequest, slide: Slide, roi, nice: int = ENGIN
         else:
             model = registry.create(request.model, request.preset)
             sha = None
-        return infer.run(model, slide, on_event=emit, cancel=cancel, roi=roi, checkpoint_id=sha)
+        return infer.run(model, slide, on_event=emit, cancel=cancel, roi=roi, checkpoint_id=sha, device=device)
 
     return job
 

@@ -19,6 +19,13 @@ from engines import registry
 from engines.data import ManifestError, read_manifest
 
 
+def device_choices() -> list[tuple[str, str]]:
+    """(label, TrainConfig.device) for the Device box: Auto, CPU, then each GPU torch sees."""
+    from engines.devices import cuda_device_choices
+
+    return [("Auto (GPU if available)", "auto"), ("CPU", "cpu"), *cuda_device_choices()]
+
+
 def _fmt_eta(seconds: float | None) -> str:
     if seconds is None or not math.isfinite(seconds):
         return ""
@@ -84,6 +91,10 @@ class TrainingDialog(QDialog):
         irow = QHBoxLayout()
         irow.addWidget(self.init_edit, 1)
         irow.addWidget(init_browse)
+        self.device_combo = QComboBox()
+        self.device_combo.setToolTip("Auto trains on the GPU when torch sees one, else on the CPU")
+        for label, spec in device_choices():
+            self.device_combo.addItem(label, spec)
         self.freeze = QCheckBox("Freeze backbone when fine-tuning")
         self.resume = QCheckBox("Resume the run in the output folder")
 
@@ -95,6 +106,7 @@ class TrainingDialog(QDialog):
         form.addRow("Learning rate", self.lr)
         form.addRow("Accumulation", self.accum)
         form.addRow("Seed", self.seed)
+        form.addRow("Device", self.device_combo)
         form.addRow("Output folder", orow)
         form.addRow("Fine-tune from", irow)
         form.addRow(self.freeze)
@@ -212,15 +224,23 @@ class TrainingDialog(QDialog):
             preset=self.preset_combo.currentText(), out=self.out_edit.text(), epochs=self.epochs.value(),
             lr=self.lr.value(), accumulation=self.accum.value() or None, seed=self.seed.value(),
             resume=self.resume.isChecked(), init=self.init_edit.text() or None,
-            freeze_backbone=self.freeze.isChecked())
+            freeze_backbone=self.freeze.isChecked(), device=self.device_combo.currentData() or "auto")
 
     def start(self) -> int | None:
+        from engines.devices import resolve_device
         from engines.train import TrainControl, train
 
         if not self.load_manifest(self.manifest_edit.text()):
             self._log("Choose a valid manifest first.")
             return None
         cfg = self.config()
+        try:  # a GPU chosen but gone: say so now rather than fail on the engine thread
+            resolve_device(cfg.device)
+        except ValueError as exc:
+            self.last_error = str(exc)
+            self.status_label.setText("Cannot start: the chosen device is not available")
+            self._log(f"Error: {exc}")
+            return None
         control = TrainControl()
         self.control = control
         self._history = []
@@ -233,7 +253,8 @@ class TrainingDialog(QDialog):
 
         self.run_id = self.engine.submit(job)
         self._running(True)
-        self._log(f"Training {cfg.model}/{cfg.preset} for {cfg.epochs} epochs into {cfg.out}")
+        self._log(f"Training {cfg.model}/{cfg.preset} for {cfg.epochs} epochs into {cfg.out} "
+                  f"(device {cfg.device})")
         return self.run_id
 
     def stop(self) -> None:

@@ -67,6 +67,7 @@ def run(
     roi: Sequence[float] | None = None,
     checkpoint_id: str | None = None,
     threads: int | None = None,
+    device: str | torch.device | None = None,
 ) -> Trace:
     """Run ``model.explain`` on ``slide`` (or its ``roi``, level-0 x, y, w, h) in eval mode.
 
@@ -74,8 +75,16 @@ def run(
     to ``on_event`` as soon as the model emits it. Raises ``Cancelled`` when ``cancel`` (an
     Event or a callable returning bool) becomes true, ``ValueError`` for a bad ROI or a model
     returning unusable probabilities, and ``SlideError`` when a path cannot be opened.
+
+    ``device`` (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a ``torch.device``) moves
+    the model there first (``engines.devices.resolve_device``; ``ValueError`` when it is not
+    on this machine); None leaves the model where it is.
     """
     t0 = time.perf_counter()
+    if device is not None:
+        from engines.devices import resolve_device
+
+        model.to(resolve_device(device))
     owned = not isinstance(slide, Slide)
     sl = Slide(slide) if owned else slide
     try:

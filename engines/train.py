@@ -6,9 +6,19 @@ per step with gradient accumulation, flips/quarter turns as augmentation, class 
 validation each epoch (loss, accuracy, AUROC), cosine annealing, atomic ``last``/``best``
 checkpoints, resume, cancel and pause.
 
+Devices: ``TrainConfig.device`` ("auto", "cpu", "cuda", "cuda:N"; see ``engines.devices``)
+is resolved before anything else, so a GPU that is asked for but missing fails at once with a
+``ValueError`` a user can read. "auto" takes ``cuda:<LOCAL_RANK>`` when torch sees a GPU, else
+the CPU. The model moves there after it is built or loaded and before its optimiser is made;
+pixels and every tensor a model makes follow the model's device. Under torchrun the process
+group uses NCCL for CUDA tensors (gloo beside it for the CPU cancel flag and the gathered
+validation rows) and plain gloo on the CPU. Checkpoints hold CPU tensors only and load onto
+the CPU, so a run trained on a GPU opens anywhere.
+
 Determinism: every random draw of an epoch (slide order, orientations, and the torch seed the
 models sample from) derives from ``(seed, epoch)``, and a mid-epoch stop saves the step and
-torch's RNG state, so a resumed run continues exactly as an uninterrupted one.
+torch's RNG state (the CPU's, and the GPU's when training on one), so a resumed run continues
+exactly as an uninterrupted one on the same device.
 """
 from __future__ import annotations
 
@@ -28,6 +38,7 @@ import torch.distributed as dist
 
 from engines import registry
 from engines.data import Dataset, Sample, read_manifest
+from engines.devices import dist_backend, local_rank, resolve_device
 from engines.models.base import StepOutput
 from engines.sampling import Orientation, SlideView
 from engines.slide import Slide, SlideError
@@ -53,6 +64,7 @@ class TrainConfig:
     init: str | None = None  # checkpoint to fine-tune from
     freeze_backbone: bool = False
     threads: int | None = None
+    device: str = "auto"  # "auto", "cpu", "cuda" or "cuda:N" (engines.devices.resolve_device)
     overrides: dict[str, Any] = field(default_factory=dict)  # model config overrides
 
 
@@ -153,13 +165,19 @@ def _dist_info() -> tuple[int, int]:
     return 0, 1
 
 
-def init_distributed() -> tuple[int, int]:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1)."""
+def init_distributed(device: str | torch.device | None = None) -> tuple[int, int]:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1).
+
+    ``device`` is where this process trains (a spec for ``resolve_device``, resolved with
+    LOCAL_RANK; None: "auto"). On a GPU the group is ``"cpu:gloo,cuda:nccl"``: DDP's gradient
+    all-reduce runs on NCCL, while the trainer's own CPU tensors (the cancel flag) and
+    ``all_gather_object`` of the validation rows use gloo. On the CPU it is plain gloo."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        # gloo even on GPU machines: the trainer keeps models on the CPU, and NCCL only
-        # reduces CUDA tensors.
-        dist.init_process_group("gloo")
+        dev = resolve_device(device, local_rank())
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)  # before the group: NCCL binds to the current device
+        dist.init_process_group(dist_backend(dev))
     return _dist_info()
 
 
@@ -212,6 +230,7 @@ class Trainer:
         self.control = control or TrainControl()
         self.out = Path(cfg.out)
         self.rank, self.world = _dist_info()
+        self.device: torch.device | None = None  # resolved at the start of run()
 
     # -- helpers ---------------------------------------------------------------------
     def _emit(self, event: object) -> None:
@@ -245,6 +264,9 @@ class Trainer:
         if self.cfg.freeze_backbone:
             for p in model.backbone_parameters():
                 p.requires_grad_(False)
+        # Before the optimiser exists, so it holds the parameters on the device; a resumed
+        # optimiser state (CPU tensors in the file) is then cast onto them by load_state_dict.
+        model.to(self.device)
         opt = model.make_optimizer(self.cfg.lr, self.cfg.weight_decay)
         sched = None
         if self.cfg.scheduler == "cosine":
@@ -278,6 +300,11 @@ class Trainer:
     # -- the loop --------------------------------------------------------------------
     def run(self) -> TrainResult:
         cfg = self.cfg
+        # First of all: a GPU asked for but missing is a ValueError before any work or file.
+        device = self.device = resolve_device(cfg.device, local_rank())
+        on_cuda = device.type == "cuda"
+        if on_cuda:
+            torch.cuda.set_device(device)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -285,7 +312,9 @@ class Trainer:
         model, opt, sched, resume = self._build(data)
         ddp_model = None
         if self.world > 1:
-            ddp_model = torch.nn.parallel.DistributedDataParallel(_StepModule(model), find_unused_parameters=True)
+            ddp_kw = {"device_ids": [device.index], "output_device": device.index} if on_cuda else {}
+            ddp_model = torch.nn.parallel.DistributedDataParallel(_StepModule(model), find_unused_parameters=True,
+                                                                  **ddp_kw)
         if self.rank == 0:
             (self.out / "config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
         train_set, val_set = data.split("train"), data.split("val")
@@ -293,7 +322,7 @@ class Trainer:
         counts = np.array([sum(s.label == c for s in train_set) for c in data.classes], float)
         weights = (counts.sum() / (len(counts) * np.maximum(counts, 1))) if cfg.class_weights else np.ones(len(counts))
         self._log(f"{cfg.model}/{cfg.preset}: {len(train_set)} train, {len(val_set)} val slides; "
-                  f"classes {data.classes}; accumulation {accum}; ranks {self.world}")
+                  f"classes {data.classes}; accumulation {accum}; ranks {self.world}; device {device}")
 
         start_epoch, start_step = 0, 0
         history: list[dict[str, float]] = []
@@ -305,6 +334,8 @@ class Trainer:
             best = tr.get("best")
             if start_step and tr.get("torch_rng") is not None:
                 torch.set_rng_state(tr["torch_rng"])
+            if start_step and on_cuda and tr.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state(tr["cuda_rng"], device)
             self._log(f"resuming at epoch {start_epoch + 1}, step {start_step}")
 
         my_train = _shard(train_set, self.rank, self.world)
@@ -329,6 +360,8 @@ class Trainer:
                     state = {"epoch": epoch, "step": step, "history": history, "best": best,
                              "seed": cfg.seed, "torch_rng": torch.get_rng_state(),
                              "run_loss": run_loss, "n_loss": n_loss}
+                    if on_cuda:  # a CPU ByteTensor, like torch_rng
+                        state["cuda_rng"] = torch.cuda.get_rng_state(device)
                     self._save("last.pt", model, opt, sched, state)
                     self._log(f"cancelled at epoch {epoch + 1}, step {step}; resumable from last.pt")
                     return TrainResult(self.out, epoch, best, history, cancelled=True)

@@ -35,13 +35,13 @@ class FakeModel(SlideModel):
         self.head = nn.Linear(8, self.num_classes)
 
     def _logits(self, view) -> torch.Tensor:
-        x = view.read_tensor([view.bounds], self.config.side, self.config.side).flatten(1)
+        x = view.read_tensor([view.bounds], self.config.side, self.config.side).flatten(1).to(self.device)
         h = F.dropout(torch.relu(self.backbone(x)), self.config.dropout, self.training)
         return self.head(h)[0]
 
     def training_step(self, view, label, epoch=0):
         logits = self._logits(view)
-        loss = F.cross_entropy(logits[None], torch.tensor([label]))
+        loss = F.cross_entropy(logits[None], torch.tensor([label], device=logits.device))
         return StepOutput(loss, logits, {"ce": float(loss.detach())})
 
     def explain(self, view, emit):

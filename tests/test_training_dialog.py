@@ -73,3 +73,25 @@ def test_stop_keeps_a_resumable_checkpoint(qtbot, window, manifest, tmp_path, mo
     assert dlg.result.cancelled
     assert (tmp_path / "run" / "last.pt").exists()
     assert dlg.start_button.isEnabled()
+
+
+def test_device_box_lists_auto_cpu_and_each_gpu_and_a_missing_gpu_is_reported(
+        qtbot, window, manifest, tmp_path, monkeypatch):  # noqa: F811
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # two GPUs seen: nothing moves there
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    dlg = setup_dialog(window, manifest, tmp_path / "run")
+    box = dlg.device_combo
+    assert [box.itemData(i) for i in range(box.count())] == ["auto", "cpu", "cuda:0", "cuda:1"]
+    assert box.itemText(0).startswith("Auto") and box.itemText(3) == "GPU 1 (cuda:1)"
+    assert dlg.config().device == "auto"
+    box.setCurrentIndex(1)
+    assert dlg.config().device == "cpu"
+    box.setCurrentIndex(3)
+    assert dlg.config().device == "cuda:1"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the GPU went away
+    assert dlg.start() is None
+    assert "CUDA was asked for but torch sees no GPU" in dlg.log.toPlainText()
+    assert "CUDA was asked for" in dlg.last_error and dlg.run_id is None
+    assert dlg.start_button.isEnabled() and not (tmp_path / "run").exists()

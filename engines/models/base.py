@@ -32,6 +32,9 @@ class SlideModel(nn.Module):
       TrailStep and Progress as soon as it exists (level-0 coordinates), and returns the
       final class probabilities. ``emit`` raises ``Cancelled`` when the user cancels, so
       models emit Progress at least every few hundred milliseconds of work.
+
+    Both run wherever the model's weights are (``device``); what they emit and return are
+    Python numbers, whatever the device.
     """
 
     name: ClassVar[str] = ""
@@ -44,6 +47,17 @@ class SlideModel(nn.Module):
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights are (its first parameter's, else first buffer's device;
+        the CPU for a model with neither). Models put the pixels they read and every tensor
+        they make here, so ``model.to(device)`` is all it takes to run on a GPU."""
+        for p in self.parameters():
+            return p.device
+        for b in self.buffers():
+            return b.device
+        return torch.device("cpu")
 
     def training_step(self, view: SlideView, label: int, epoch: int = 0) -> StepOutput:
         raise NotImplementedError

@@ -330,10 +330,6 @@ class GridAttention(SlideModel):
         self.tiles_processed = 0
         self.last_grid: Grid | None = None
 
-    @property
-    def device(self) -> torch.device:
-        return self.fc.weight.device
-
     def train(self, mode: bool = True) -> "GridAttention":
         super().train(mode)
         if mode:
@@ -413,7 +409,8 @@ class GridAttention(SlideModel):
         if self.training:
             self._fix_frozen_statistics()
         j = float(self.config.scale_jitter)
-        scale = 1.0 + j * (2.0 * float(torch.rand(())) - 1.0) if j > 0 else 1.0
+        # A Python number from the CPU generator, wherever the model runs.
+        scale = 1.0 + j * (2.0 * float(torch.rand((), device="cpu")) - 1.0) if j > 0 else 1.0
         grid, _, keep = self.plan(view, scale)
         self.last_grid = grid
         self.tiles_processed = 0

@@ -245,8 +245,9 @@ class RandomFeatureReconstruction(nn.Module):
         f = self.factor
         h, w = x.shape[-2:]
         ch, cw = min(self.cells, h, prev.shape[-2] // f), min(self.cells, w, prev.shape[-1] // f)
-        tops = torch.randint(0, h - ch + 1, (self.crops,)).tolist()
-        lefts = torch.randint(0, w - cw + 1, (self.crops,)).tolist()
+        # Crop corners are Python ints (slicing), drawn from the CPU generator wherever x is.
+        tops = torch.randint(0, h - ch + 1, (self.crops,), device="cpu").tolist()
+        lefts = torch.randint(0, w - cw + 1, (self.crops,), device="cpu").tolist()
         src = torch.cat([x[:, :, t:t + ch, l:l + cw] for t, l in zip(tops, lefts)])
         tgt = torch.cat([prev[:, :, t * f:(t + ch) * f, l * f:(l + cw) * f] for t, l in zip(tops, lefts)])
         if f > 1:
@@ -281,15 +282,19 @@ class _RowReader:
     """Reads input rows of a view resampled to ``w_in`` x ``h_in``, normalised. Strips move
     down and overlap, so rows already read for the previous strip are reused, not re-read."""
 
-    def __init__(self, view: SlideView, w_in: int, h_in: int) -> None:
+    def __init__(self, view: SlideView, w_in: int, h_in: int, device: torch.device | None = None) -> None:
         self.view, self.w_in = view, w_in
+        self.device = device
         self.sy = view.bounds[3] / h_in
         self.start, self.rows = 0, None  # cached rows [start, start + rows.shape[2])
 
     def _read(self, r0: int, r1: int) -> torch.Tensor:
         bx, by, bw, _ = self.view.bounds
         img = self.view.read((bx, by + r0 * self.sy, bw, (r1 - r0) * self.sy), self.w_in, r1 - r0)
-        return backbones.normalise(torch.from_numpy(img.copy()).permute(2, 0, 1)[None].float() / 255.0)
+        x = torch.from_numpy(img.copy()).permute(2, 0, 1)[None]
+        if self.device is not None:
+            x = x.to(self.device)  # uint8 crosses to the GPU: a quarter of the float32 bytes
+        return backbones.normalise(x.float() / 255.0)
 
     def __call__(self, r0: int, r1: int) -> torch.Tensor:
         if self.rows is not None and self.start <= r0 <= self.start + self.rows.shape[2] <= r1:
@@ -421,14 +426,14 @@ class LocalLearning(SlideModel):
         return max(1, round(w / ds / s)) * s, max(1, round(h / ds / s)) * s
 
     def _reader(self, view: SlideView, w_in: int, h_in: int) -> Reader:
-        return _RowReader(view, w_in, h_in)
+        return _RowReader(view, w_in, h_in, self.device)
 
     # -- training ----------------------------------------------------------------------------
     def local_losses(self, x: torch.Tensor, label: int) -> Iterator[ModuleLoss]:
         """Each module's local loss in turn, on a normalised (1, 3, H, W) input whose sides
         are multiples of ``stride``. The caller back-propagates each one before asking for the
         next: the next module then reads the detached output and the graph can be freed."""
-        y = torch.tensor([int(label)])
+        y = torch.tensor([int(label)], device=x.device)
         prev = x
         for i in range(self.num_modules):
             out = self.run_module(i, prev)
@@ -455,6 +460,7 @@ class LocalLearning(SlideModel):
         if x.dim() != 4 or x.shape[0] != 1 or x.shape[1] != 3:
             raise ValueError(f"expected a (1, 3, H, W) image tensor, got shape {tuple(x.shape)}")
         s = self.stride
+        x = x.to(self.device)
         ph, pw = -x.shape[2] % s, -x.shape[3] % s
         if ph or pw:
             x = F.pad(x, (0, pw, 0, ph), value=1.0)
@@ -473,7 +479,7 @@ class LocalLearning(SlideModel):
             total += float(ml.loss.detach())
             parts.update(ml.parts)
             logits = ml.logits.detach()
-        return StepOutput(torch.tensor(total), logits, parts)
+        return StepOutput(torch.tensor(total, device=x.device), logits, parts)
 
     def training_step(self, view: SlideView, label: int, epoch: int = 0) -> StepOutput:
         self._check_label(label)
@@ -482,9 +488,9 @@ class LocalLearning(SlideModel):
         params = [p for p in self.parameters() if p.requires_grad]
         index = {id(p): j for j, p in enumerate(params)}
         grads: list[torch.Tensor | None] = [None] * len(params)
-        total = torch.zeros(())
+        total = torch.zeros((), device=x.device)
         parts: dict[str, float] = {}
-        logits = torch.zeros(self.num_classes)
+        logits = torch.zeros(self.num_classes, device=x.device)
         for ml in self.local_losses(x, label):
             mine = [p for p in self.module_parameters(ml.index) if p.requires_grad]
             if torch.is_grad_enabled() and mine and ml.loss.requires_grad:

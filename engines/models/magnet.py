@@ -321,10 +321,6 @@ class MagNet(SlideModel):
     def _frozen(self, layer_index: int) -> bool:
         return self.config.frozen_layer == layer_index + 1
 
-    @property
-    def device(self) -> torch.device:
-        return self.head[-1].weight.device
-
     # -- public API ----------------------------------------------------------------------
     def backbone_parameters(self) -> list[nn.Parameter]:
         params = list(self.backbone.parameters())

@@ -255,14 +255,14 @@ class SpatialMagNet(SlideModel):
         """The layout of the grids on ``view`` and the joint attention P over all cells."""
         layout = _Layout(view, self.config)
         tw, th = layout.thumb
-        thumb = images_to_tensor([read_bounded(view, layout.bounds, tw, th)])
+        thumb = images_to_tensor([read_bounded(view, layout.bounds, tw, th)]).to(self.device)
         logits = self.attention(self.h(thumb), layout.grids)
         return layout, torch.softmax(logits, 0)
 
     def patch_features(self, view: SlideView, rects: list[Rect]) -> torch.Tensor:
         """(n, D): f on the cells read at the patch size, globally average pooled."""
         ps = self.config.patch_size
-        x = images_to_tensor([read_bounded(view, r, ps, ps) for r in rects])
+        x = images_to_tensor([read_bounded(view, r, ps, ps) for r in rects]).to(self.device)
         return self.f(x).mean(dim=(2, 3))
 
     def _sample(self, p: torch.Tensor) -> torch.Tensor:
@@ -280,7 +280,7 @@ class SpatialMagNet(SlideModel):
         rate = self.config.attention_dropout
         if rate <= 0:
             return p
-        keep = torch.rand(p.shape) >= rate
+        keep = torch.rand(p.shape, device=p.device) >= rate
         if not bool(keep.any()):
             return p
         kept = p * keep
@@ -298,7 +298,7 @@ class SpatialMagNet(SlideModel):
         unique, inverse = torch.unique(idx, return_inverse=True)
         feats = self.patch_features(view, [layout.cells[int(i)].rect for i in unique])[inverse]
         logits = self.classifier(self._estimate(q, idx, feats))
-        ce = F.cross_entropy(logits[None], torch.tensor([int(label)]))
+        ce = F.cross_entropy(logits[None], torch.tensor([int(label)], device=logits.device))
         reg = _entropy_term(p)
         loss = ce + self.config.entropy_weight * reg
         parts = {"loss": float(loss.detach()), "ce": float(ce.detach()), "entropy": float(reg.detach())}
@@ -322,7 +322,7 @@ class SpatialMagNet(SlideModel):
             emit(Progress(0, total, stage="thumbnail and attention"))
             layout, p = self.attend(view)
             x, y, w, h = layout.bounds
-            values = [float(v) for v in p]
+            values = p.detach().cpu().tolist()
             for j, ((rows, cols), grid) in enumerate(zip(layout.grids, layout.split(values))):
                 mag = layout.mags[j]
                 label = f"{mag:.3g}x" if mag is not None else f"{rows}x{cols} grid"
@@ -344,7 +344,7 @@ class SpatialMagNet(SlideModel):
                     seen[cell.index] = self.patch_features(view, [cell.rect])[0]
                 feats.append(seen[cell.index])
                 est = self._estimate(p, idx[: s + 1], torch.stack(feats))
-                probs = [float(v) for v in torch.softmax(self.classifier(est), 0)]
+                probs = torch.softmax(self.classifier(est), 0).cpu().tolist()
                 emit(TrailStep(index=s, field_id=s + 1, probs=probs))
             emit(Progress(total, total, stage="done"))
         return probs

@@ -258,7 +258,7 @@ class ZoomInNet(SlideModel):
             height = (r1 - r0) * p1 + top + bottom
             y = grid.origin[1] + r0 * grid.cell[1] - top * px_h
             rect = (grid.origin[0], y, grid.cols * grid.cell[0], height * px_h)
-            image = view.read_tensor([rect], grid.cols * p1, height)
+            image = view.read_tensor([rect], grid.cols * p1, height).to(self.device)
             logits = self.attention1(image)[:, top: top + (r1 - r0) * p1]
             out.append(F.avg_pool2d(logits[:, None], p1)[0, 0])
             if emit is not None:
@@ -270,12 +270,12 @@ class ZoomInNet(SlideModel):
               contrastive: bool = False) -> _TileResult:
         p2, sp = self.config.tile_pixels_2, self.config.subtile_pixels
         rect = grid.rect(index)
-        image = view.read_tensor([rect], p2, p2)
+        image = view.read_tensor([rect], p2, p2).to(self.device)
         beta = torch.softmax(self.attention2(image).reshape(-1), 0)
         dist = _complement(beta) if contrastive else beta
         positions = sample_without_replacement(dist, count)
         subs = [(int(p), self._subtile_rect(rect, int(p))) for p in positions]
-        patches = view.read_tensor([r for _, r in subs], sp, sp)
+        patches = view.read_tensor([r for _, r in subs], sp, sp).to(image.device)
         feats = self.features(patches)
         estimate = expectation_without_replacement(dist, positions, feats)
         return _TileResult(index, count, rect, beta, subs, estimate)
@@ -303,7 +303,7 @@ class ZoomInNet(SlideModel):
         grid = self._grid(view)
         alpha = torch.softmax(self._stage1(view, grid).reshape(-1), 0)
         logits, betas = self._pass(view, grid, alpha, contrastive=False)
-        target = torch.tensor([int(label)])
+        target = torch.tensor([int(label)], device=logits.device)
         ce = F.cross_entropy(logits[None], target)
         entropy = _entropy(alpha) + torch.stack([_entropy(b) for b in betas]).mean()
         loss = ce + self.config.entropy_weight * entropy
@@ -311,7 +311,7 @@ class ZoomInNet(SlideModel):
         if (int(label) == POSITIVE and self.num_classes > POSITIVE
                 and epoch >= self.config.contrastive_warmup):
             con_logits, _ = self._pass(view, grid, alpha, contrastive=True)
-            con = F.cross_entropy(con_logits[None], torch.tensor([REFERENCE]))
+            con = F.cross_entropy(con_logits[None], torch.tensor([REFERENCE], device=con_logits.device))
             loss = loss + self.config.contrastive_weight * con
             parts["contrastive"] = con.item()
         parts["loss"] = loss.item()
@@ -335,7 +335,7 @@ class ZoomInNet(SlideModel):
         total = len(unique)
         tiles: dict[int, _TileResult] = {}
         next_id = 1
-        sum_z = torch.zeros(self.features.dim)
+        sum_z = torch.zeros(self.features.dim, device=alpha.device)
         used = 0
         for step, (i, n) in enumerate(zip(unique.tolist(), counts.tolist())):
             rect = grid.rect(i)
