@@ -31,7 +31,8 @@ from engines.slide import Slide  # noqa: E402
 from engines.train import auroc  # noqa: E402
 
 
-def evaluate(name: str, ckpt: Path, data_dir: Path, positive: str = "tumor") -> dict:
+def evaluate(name: str, ckpt: Path, data_dir: Path, positive: str = "tumor",
+             split: str = "test") -> dict:
     data = read_manifest(data_dir / "manifest.csv")
     needles = json.loads((data_dir / "needles.json").read_text())
     model = model_from_checkpoint(ckpt, expect_model=name)
@@ -41,7 +42,7 @@ def evaluate(name: str, ckpt: Path, data_dir: Path, positive: str = "tumor") -> 
     pos = classes.index(positive)
     scores, labels, correct, loc = [], [], 0, []
     t0 = time.perf_counter()
-    test = data.split("test")
+    test = data.samples if split == "all" else data.split(split)
     for i, sample in enumerate(test):
         torch.manual_seed(i)  # the sampling models draw at random: the same draws every run
         slide = Slide(sample.path)
@@ -67,7 +68,7 @@ def evaluate(name: str, ckpt: Path, data_dir: Path, positive: str = "tumor") -> 
         "train_minutes": info.get("train_minutes"),
         "epochs": (sum(st.get("epochs_done", 0) for st in info["stages"]) if "stages" in info
                    else info.get("epochs_done")),
-        "test_slides": len(test),
+        "slides": len(test),
         "positives": int(sum(labels)),
         "eval_s": round(time.perf_counter() - t0, 1),
     }
@@ -79,17 +80,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoints", type=Path, default=ROOT / "resources" / "checkpoints")
     p.add_argument("--models", default=",".join(registry.list_models()))
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--split", default="test", choices=("test", "val", "train", "all"),
+                   help="rows to evaluate (default test; 'all' for a set no model trained on, "
+                        "e.g. to choose between candidates on more slides than a val split)")
     a = p.parse_args(argv)
     if not (a.data / "manifest.csv").exists() or not (a.data / "needles.json").exists():
         p.error(f"{a.data} has no manifest.csv and needles.json (make it with maglens synth)")
     torch.set_num_threads(a.threads)
-    out: dict = {"data": str(a.data), "models": {}}
+    out: dict = {"data": str(a.data), "split": a.split, "models": {}}
     for name in [m.strip() for m in a.models.split(",") if m.strip()]:
         ckpt = a.checkpoints / f"{name}.pt"
         if not ckpt.exists():
             out["models"][name] = {"error": f"no checkpoint {ckpt}"}
             continue
-        out["models"][name] = evaluate(name, ckpt, a.data)
+        out["models"][name] = evaluate(name, ckpt, a.data, split=a.split)
         print(f"{name}: {out['models'][name]}", file=sys.stderr, flush=True)
     print(json.dumps(out, indent=1))
     return 0
