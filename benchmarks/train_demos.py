@@ -87,15 +87,23 @@ RECIPES: dict[str, dict] = {
     # has to sharpen. Not used, each for a lower validation AUROC than the 0.86 here: a last
     # stage on the 232 slides of "target" (38 minutes; 0.83), and reading at 10x (96 px cells,
     # below a needle's side), which held 1.0 on 10-30 % and 2-6 % needles but fell to 0.59 on
-    # 0.5-2 % and stayed at or below 0.78 over 31 epochs (11 minutes) on the target set.
+    # 0.5-2 % and stayed at or below 0.78 over 31 epochs (11 minutes) on the target set; twice
+    # the widths (16-128) with 64-d heads (0.83 on validation; on 96 unseen target-size slides
+    # 0.46 against this checkpoint's 0.65).
     "local_learning": {"lr": 3e-4, "finetune_lr": 1e-4, "overrides": {"magnification": 5.0},
                        "minutes": (6.84, 4.94, 7.98, 18.24, 0)},
-    # The maps' entropy is added to the loss (weight 0.2) to sharpen them: with CE alone the
-    # eight maps learnt on large needles stayed spread over many tiles, and a needle of one or
-    # two tiles was diluted (localisation 1.6). Its fine-tuning stages had only 4-5 epochs in
-    # 7.6 minutes, so the smaller-needle stages get more. A further 25-minute stage on the 232
-    # slides of "target" reached a validation AUROC of 0.67 against 0.75 after "needles".
-    "grid_attention": {"lr": 1e-3, "finetune_lr": 3e-4, "overrides": {"sharpen_weight": 0.2},
+    # Tiles of 128 px read at 32 (preset: 256 at 64) with a 128-d trunk (preset 64-d), and the
+    # maps' entropy added to the loss (weight 0.2) to sharpen them. With 256 px tiles a
+    # target-size needle filled a twentieth of a tile and the average pool diluted it; with
+    # 128 px tiles and the 64-d trunk the attention found the needles on 0.5-2 % slides
+    # (localisation 5) but the classifier did not tell them apart (96 unseen target-size
+    # slides: AUROC 0.42); the 128-d trunk reached 0.90 there. Tiles are small enough to keep
+    # their activations for the backward pass (``stream_backward`` off: 3x faster steps here).
+    # Not used: the 64-d trunk at 256 px (the previous checkpoint: 0.52 on those 96 slides), a
+    # 25-minute stage on the 232 slides of "target" (0.67 validation AUROC).
+    "grid_attention": {"lr": 1e-3, "finetune_lr": 3e-4,
+                       "overrides": {"sharpen_weight": 0.2, "tile_size": 128.0, "tile_px": 32,
+                                     "stream_backward": False, "small_width": 128},
                        "minutes": (11, 10, 16, 20, 0)},
     # A 256 x 192 thumbnail and a finest grid of 12 x 14 instead of the preset's 128 x 96 and
     # 6 x 7: with the preset a needle was 3-8 thumbnail pixels and a patch cell 7 times its
@@ -104,17 +112,19 @@ RECIPES: dict[str, dict] = {
                     "overrides": {"thumb_size": (256, 192), "grids": ((3, 4), (6, 7), (12, 14)),
                                   "k": 8},
                     "minutes": (10, 8, 8, 0, 14)},
-    # 24 sub-tiles of 128 px (read at 32 px) per slide instead of the preset's 8 of 64 px: with
-    # those, a random attention rarely sampled a needle at all, so there was nothing to learn
-    # from and the model stayed at chance even on 10-30 % needles. The contrastive pass keeps
-    # the paper's 10-epoch warm-up (counted per stage): started after 3, while the attention
-    # was still flat, it pushed the tumour samples of positive slides towards "normal" and the
-    # validation AUROC fell below 0.5. It goes from the 2-6 % needles straight to the target
-    # set: a stage on 0.5-2 % reached only 0.80 there (training loss at ln 2), and a last stage
-    # on "target" after it 0.50. A stage-1 view at 1/16 instead of 1/32 learnt the large
-    # needles faster (validation loss 0.09 on 10-30 %) but reached 0.81 on the target set.
+    # Stage 1 at 1/16 over 128 px tiles, 24 sub-tiles of 64 px (preset: 1/32 over 256 px tiles, 8
+    # sub-tiles of 64 px): at 1/32 a target-size needle was 2-7 stage-1 pixels and a tile
+    # several times its side, and the attention stayed broad (96 unseen target-size slides:
+    # AUROC 0.53, localisation 2.1; with 1/16 and 128 px tiles 0.82 and 63). With 8 sub-tiles a
+    # random attention rarely sampled a needle at all and the model stayed at chance even on
+    # 10-30 % needles. The contrastive pass keeps the paper's 10-epoch warm-up (counted per
+    # stage): started after 3, while the attention was still flat, it pushed the tumour samples
+    # of positive slides towards "normal" and the validation AUROC fell below 0.5. It goes
+    # from the 2-6 % needles straight to the target set. Not used: feature widths 72 / 96 with
+    # sub-tiles read at 64 px (0.70 on the 96 slides).
     "zoom_in": {"lr": 1e-3, "finetune_lr": 3e-4,
-                "overrides": {"contrastive_warmup": 10, "n_samples": 24, "subtile_size": 128},
+                "overrides": {"contrastive_warmup": 10, "n_samples": 24, "s1": 1 / 16,
+                              "tile_size": 128, "subtile_size": 64},
                 "minutes": (12, 8, 0, 14, 0)},
     # The localiser sees 112 px (crops from 224 px) instead of the paper's 56 / 112: on a whole
     # 3072 px slide a needle is then 3-9 localiser pixels instead of 1-4. One slide per
@@ -125,6 +135,8 @@ RECIPES: dict[str, dict] = {
     # AUROC afterwards at a higher loss. A 38-minute last stage on the 232 slides of "target"
     # after "big" (with 4 slides per step) stayed at chance (0.55-0.64, loss 0.693). A 224 px
     # localiser costs 2.4 s a step here: 4 epochs in 10 minutes, still at chance on 10-30 %.
+    # A 168 px localiser (0.86 s a step) reached 0.94 on the 12 validation slides but 0.54 on
+    # 96 unseen target-size slides, as this checkpoint (0.52): not kept at twice the cost.
     "magnet": {"lr": 5e-4, "finetune_lr": 1.5e-4,
                "overrides": {"input_px": 112, "source_px": 224, "accumulation": 1},
                "minutes": (12, 9, 0, 15, 0)},

@@ -85,3 +85,18 @@ def test_shipped_records_keep_to_sixty_minutes(path):
     assert info["train_minutes"] <= 60
     assert abs(info["train_minutes"] - sum(s["train_minutes"] for s in info["stages"])) < 0.05
     assert (path.with_suffix(".pt")).exists()
+
+
+@pytest.mark.skipif(not SHIPPED, reason="no checkpoint records shipped")
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_checkpoints_were_trained_with_todays_recipe(path):
+    # A recipe changed without retraining would describe a checkpoint that does not exist.
+    from engines.checkpoint import model_from_checkpoint
+
+    recipe = _script().RECIPES[path.stem]
+    info = json.loads(path.read_text())
+    assert info["recipe"]["minutes"] == list(recipe["minutes"])
+    config = model_from_checkpoint(path.with_suffix(".pt")).config
+    for key, value in recipe["overrides"].items():
+        got = getattr(config, key)
+        assert (tuple(map(tuple, got)) if key == "grids" else got) == value, key
