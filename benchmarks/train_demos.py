@@ -112,19 +112,20 @@ RECIPES: dict[str, dict] = {
                     "overrides": {"thumb_size": (256, 192), "grids": ((3, 4), (6, 7), (12, 14)),
                                   "k": 8},
                     "minutes": (10, 8, 8, 0, 14)},
-    # Stage 1 at 1/16 over 128 px tiles, 24 sub-tiles of 64 px (preset: 1/32 over 256 px tiles, 8
-    # sub-tiles of 64 px): at 1/32 a target-size needle was 2-7 stage-1 pixels and a tile
+    # Stage 1 at 1/16 over 128 px tiles, 24 sub-tiles of 64 px and feature widths 72 / 96
+    # (preset: 1/32 over 256 px tiles, 8 sub-tiles, 36 / 48; the widths took the 96 slides below
+    # from 0.82 to 0.84): at 1/32 a target-size needle was 2-7 stage-1 pixels and a tile
     # several times its side, and the attention stayed broad (96 unseen target-size slides:
     # AUROC 0.53, localisation 2.1; with 1/16 and 128 px tiles 0.82 and 63). With 8 sub-tiles a
     # random attention rarely sampled a needle at all and the model stayed at chance even on
     # 10-30 % needles. The contrastive pass keeps the paper's 10-epoch warm-up (counted per
     # stage): started after 3, while the attention was still flat, it pushed the tumour samples
     # of positive slides towards "normal" and the validation AUROC fell below 0.5. It goes
-    # from the 2-6 % needles straight to the target set. Not used: feature widths 72 / 96 with
-    # sub-tiles read at 64 px (0.70 on the 96 slides).
+    # from the 2-6 % needles straight to the target set. Not used: sub-tiles read at 64 px
+    # (0.70 on the 96 slides).
     "zoom_in": {"lr": 1e-3, "finetune_lr": 3e-4,
                 "overrides": {"contrastive_warmup": 10, "n_samples": 24, "s1": 1 / 16,
-                              "tile_size": 128, "subtile_size": 64},
+                              "tile_size": 128, "subtile_size": 64, "feature_channels": (72, 96)},
                 "minutes": (12, 8, 0, 14, 0)},
     # The localiser sees 112 px (crops from 224 px) instead of the paper's 56 / 112: on a whole
     # 3072 px slide a needle is then 3-9 localiser pixels instead of 1-4. One slide per
