@@ -60,16 +60,9 @@ def _error_text(exc: BaseException) -> str:
 
 
 def _all_tensors(obj, path="ckpt"):
-    import torch
+    from engines.checkpoint import iter_tensors
 
-    if isinstance(obj, torch.Tensor):
-        yield path, obj
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _all_tensors(v, f"{path}.{k}")
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            yield from _all_tensors(v, f"{path}[{i}]")
+    return iter_tensors(obj, path)
 
 
 def check_checkpoint_on_cpu(path: Path) -> dict:

@@ -275,3 +275,16 @@ def _state_mismatch(exc: RuntimeError) -> str:
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     detail = lines[1] if len(lines) > 1 else (lines[0] if lines else "mismatch")
     return detail[:200]
+
+
+def iter_tensors(obj: Any, path: str = "ckpt"):
+    """(path, tensor) for every tensor nested in dicts, lists and tuples of a loaded
+    checkpoint, e.g. to check that a file holds CPU tensors only."""
+    if isinstance(obj, torch.Tensor):
+        yield path, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from iter_tensors(v, f"{path}.{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from iter_tensors(v, f"{path}[{i}]")

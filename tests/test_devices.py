@@ -215,14 +215,9 @@ def _quiet(*args) -> tuple[int, str, str]:
 
 
 def _tensors(obj, path="ckpt"):
-    if isinstance(obj, torch.Tensor):
-        yield path, obj
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _tensors(v, f"{path}.{k}")
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            yield from _tensors(v, f"{path}[{i}]")
+    from engines.checkpoint import iter_tensors
+
+    return iter_tensors(obj, path)
 
 
 def test_cli_train_on_the_cpu_writes_cpu_checkpoints(manifest, tmp_path):  # noqa: F811
