@@ -67,6 +67,31 @@ def test_bad_config_and_label_are_refused(demo_slide):
         _model().training_step(SlideView(demo_slide, roi=ROI), 5)
 
 
+def test_deeper_features_and_hidden_classifier_train_and_round_trip(demo_slide, tmp_path):
+    from engines.checkpoint import model_from_checkpoint, save_checkpoint
+
+    model = _model(feature_channels=(8, 12, 16), classifier_hidden=10)
+    assert model.features.dim == 16
+    # LeNet (3->8->12, 5x5) + one 3x3 conv 12->16: the backbone a fine-tune may freeze
+    assert sum(p.numel() for p in model.backbone_parameters()) == (
+        (3 * 8 * 25 + 8) + (8 * 12 * 25 + 12) + (12 * 16 * 9 + 16))
+    assert sum(p.numel() for p in model.classifier.parameters()) == (16 * 10 + 10) + (10 * 2 + 2)
+    view = SlideView(demo_slide, roi=ROI)
+    torch.manual_seed(0)
+    out = model.training_step(view, 1)
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.classifier.parameters())
+    assert all(p.grad is not None for p in model.features.parameters())
+    save_checkpoint(tmp_path / "z.pt", model)
+    again = model_from_checkpoint(tmp_path / "z.pt", expect_model="zoom_in")
+    assert again.config.feature_channels == (8, 12, 16) and again.config.classifier_hidden == 10
+    assert _run(again, view)[0] == pytest.approx(_run(model, view)[0])
+    with pytest.raises(ValueError, match="feature_channels"):
+        registry.create("zoom_in", "tiny", feature_channels=(8,))
+    with pytest.raises(ValueError, match="classifier_hidden"):
+        registry.create("zoom_in", "tiny", classifier_hidden=-1)
+
+
 # -- the two-stage estimator ------------------------------------------------------------
 def test_two_stage_estimate_and_gradients_are_unbiased_by_exact_enumeration():
     """N = 2 tiles drawn with replacement from alpha, then as many sub-tiles per tile drawn

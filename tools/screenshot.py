@@ -32,7 +32,7 @@ from app.main_window import DEMO_SLIDE, MainWindow  # noqa: E402
 # Where the demo slide is most interesting: the epidermis folding around the dermis.
 DEMO_CENTRE = (1180.0, 1720.0)
 DEMO_MAGNIFICATION = 10.0
-SCENES = ("viewer", "magnet", "spatial_mag", "grid_attention")
+SCENES = ("viewer", "magnet", "spatial_mag", "grid_attention", "zoom_in", "local_learning")
 MAX_BYTES = 1_000_000
 
 
@@ -152,18 +152,43 @@ def scene_spatial_mag(app, window, args):
     return x + w * 0.55, y + h * 0.45
 
 
-def scene_grid_attention(app, window, args):
-    run_model(app, window, "grid_attention", args.preset, args.timeout)
+def show_one_map(app, window, args, model: str, pick: Callable[[int], int]):
+    """Run ``model``, show the map ``pick(count)`` of its list at 70 %, point at the map."""
+    run_model(app, window, model, args.preset, args.timeout)
     panel = window.models_panel
-    pick = min(5, panel.map_combo.count() - 1)
-    panel.map_combo.setCurrentIndex(pick)
-    panel.map_combo.activated.emit(pick)  # as choosing it from the list does
+    index = pick(panel.map_combo.count())
+    panel.map_combo.setCurrentIndex(index)
+    panel.map_combo.activated.emit(index)  # as choosing it from the list does
     panel.map_opacity.setValue(70)
     window.canvas.fit_view(animate=False)
     layers = window.inference.current
     shown = [o for o in layers.maps if o.visible]
     x, y, w, h = shown[0].map.rect if shown else layers.path()[0].rects[0]
     return x + w * 0.5, y + h * 0.4
+
+
+def scene_grid_attention(app, window, args):
+    return show_one_map(app, window, args, "grid_attention", lambda n: min(5, n - 1))
+
+
+def scene_zoom_in(app, window, args):
+    run_model(app, window, "zoom_in", args.preset, args.timeout)
+    window.models_panel.map_opacity.setValue(45)  # the stage-1 map under the sampled fields
+    window.layers_dock.show()
+    window.layers_dock.raise_()
+    window.canvas.fit_view(animate=False)
+    layers = window.inference.current
+    # Point at the sub-tile with the most attention: the status bar names its score.
+    subs = [f for f in layers.trace.fields if f.kind == "subtile"]
+    if not subs:
+        return None
+    best = max(subs, key=lambda f: f.score)
+    return best.rect[0] + best.rect[2] / 2, best.rect[1] + best.rect[3] / 2
+
+
+def scene_local_learning(app, window, args):
+    # The last map is the final module's head: the one that predicts.
+    return show_one_map(app, window, args, "local_learning", lambda n: n - 1)
 
 
 def save_png(pixmap: QPixmap, out: Path) -> int:
