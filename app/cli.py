@@ -489,14 +489,32 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     device = _resolve_device(args)  # before the processes meet: a missing GPU is bad input
     rank, world = init_distributed(device)  # a no-op unless torchrun started several processes
+    finished = False
     try:
-        return _train(args, rank, world)
+        code = _train(args, rank, world)
+        finished = True
+        return code
     finally:
         if world > 1:
-            import torch.distributed as dist
+            _leave_process_group(finished)
 
-            if dist.is_initialized():
-                dist.destroy_process_group()
+
+def _leave_process_group(finished: bool) -> None:
+    """Tear the process group down before the interpreter does. A rank that tore it down while
+    the other still used it, or left gloo's threads to interpreter exit, was now and then
+    aborted ("terminate called without an active exception") after a finished run. So a
+    finished rank first frees what still holds the group (DDP's reducer) and meets the
+    others; a failed rank does not wait for ranks that may never come."""
+    import gc
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    if finished:
+        gc.collect()
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def _train(args: argparse.Namespace, rank: int, world: int) -> int:

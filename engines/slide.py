@@ -231,9 +231,32 @@ class _OpenSlideBackend:
         self.properties = {str(k): str(v) for k, v in osr.properties.items()}
         self.vendor = self.properties.get("openslide.vendor", "unknown")
         self.associated_names = list(osr.associated_images.keys())
+        # After its first read error an OpenSlide handle fails every later call; the message
+        # is kept so later reads fail here, without calling into the damaged file again.
+        self._failure: str | None = None
+        # DICOM reads of a damaged file from two tile threads at once crashed the process
+        # (inside OpenSlide's DICOM reader), so DICOM reads go one at a time.
+        self._lock = threading.Lock() if self.vendor == "dicom" else None
+
+    def _call(self, fn):
+        if self._failure is not None:
+            raise RuntimeError(self._failure)
+        if self._lock is None:
+            return self._checked(fn)
+        with self._lock:
+            if self._failure is not None:
+                raise RuntimeError(self._failure)
+            return self._checked(fn)
+
+    def _checked(self, fn):
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - kept, then raised as the caller's error
+            self._failure = str(exc) or type(exc).__name__
+            raise
 
     def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
-        rgba = self._osr.read_region((x, y), level, (w, h))
+        rgba = self._call(lambda: self._osr.read_region((x, y), level, (w, h)))
         return _rgb(rgba)
 
     def read_argb(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
@@ -242,7 +265,8 @@ class _OpenSlideBackend:
         if self._c_read is None or handle is None:  # openslide-python without that entry point
             return pack_xrgb(self.read(level, x, y, w, h))
         buf = np.empty((h, w), np.uint32)
-        self._c_read(handle, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint32)), x, y, level, w, h)
+        ptr = buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint32))
+        self._call(lambda: self._c_read(handle, ptr, x, y, level, w, h))
         return buf
 
     def associated(self, name: str) -> Image.Image:

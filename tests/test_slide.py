@@ -200,3 +200,57 @@ def test_xrgb_of_a_broken_tile_is_a_slide_error(truncated_slide):
         with pytest.raises(SlideError):
             for level in range(s.level_count):
                 s.read_region_xrgb(level, 0, 0, s.levels[level].width, s.levels[level].height)
+
+
+def test_a_failed_read_keeps_failing_without_touching_the_file_again(truncated_slide):
+    with Slide(truncated_slide) as s:
+        with pytest.raises(SlideError, match="pixel data") as first:
+            s.read_region_xrgb(0, 0, 0, 256, 256)
+        backend = s._backend
+        calls = []
+        real = backend._c_read
+        backend._c_read = lambda *a: calls.append(a) or real(*a)
+        for read in (s.read_region_xrgb, s.read_region):
+            with pytest.raises(SlideError, match="pixel data") as later:
+                read(0, 512, 512, 64, 64)
+            assert str(later.value) == str(first.value)  # the first failure's message
+        assert calls == []
+
+
+HAMMER = """
+import sys, threading
+from engines.slide import Slide, SlideError
+failed = []
+for _ in range(100):
+    slide = Slide(sys.argv[1])  # a fresh handle: its first reads are the ones that race
+    start = threading.Barrier(4)
+    def read(k):
+        start.wait()
+        for i in range(2):
+            try:
+                slide.read_region_xrgb(0, k * 256 % 768, i * 256, 256, 256)
+            except SlideError:
+                failed.append(k)
+    threads = [threading.Thread(target=read, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    slide.close()
+print(len(failed))
+"""
+
+
+def test_damaged_dicom_read_from_many_threads_fails_cleanly(truncated_slide):
+    # The viewer's tile threads reading a damaged DICOM file at once crashed the process
+    # (a segfault in OpenSlide's DICOM reader, about every run of this script); in a
+    # subprocess, so a crash fails this test instead of ending the suite.
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    proc = subprocess.run([sys.executable, "-c", HAMMER, str(truncated_slide)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == [str(100 * 4 * 2)]  # every read failed, and cleanly
