@@ -17,7 +17,8 @@ large needle does, and the texture a model learns to find there is the same in a
 
 Each stage trains for the minutes its model's recipe gives it: a few timed steps estimate an
 epoch, the epoch count is set so the cosine schedule ends inside the budget, and a timer stops
-the stage (keeping ``best.pt``) should the estimate be off. ``--install`` copies the final best
+the stage (keeping ``best.pt``) should the estimate be off, or when the whole curriculum
+would pass 60 minutes. ``--install`` copies the final best
 checkpoint, without optimiser state, to ``resources/checkpoints/<model>.pt`` next to a
 ``<model>.json`` with the recipe, the data sets, each stage's summary, the last stage's
 validation history and the training minutes (read by ``benchmarks/needle_eval.py``).
