@@ -59,27 +59,21 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {' '.join(str(exc).split())[:600]}{where}"
 
 
-def _all_tensors(obj, path="ckpt"):
-    from engines.checkpoint import iter_tensors
-
-    return iter_tensors(obj, path)
-
-
 def check_checkpoint_on_cpu(path: Path) -> dict:
     """Load with the project's loader (map_location cpu, weights_only) and also raw, without
     map_location: a CUDA tensor saved in the file would then come back on the GPU."""
     import torch
 
-    from engines.checkpoint import load_checkpoint, model_from_checkpoint
+    from engines.checkpoint import iter_tensors, load_checkpoint, model_from_checkpoint
 
     raw = torch.load(path, weights_only=True)
-    cuda = [p for p, t in _all_tensors(raw) if t.device.type != "cpu"]
+    cuda = [p for p, t in iter_tensors(raw) if t.device.type != "cpu"]
     if cuda:
         raise AssertionError(f"{path.name} holds non-CPU tensors: {cuda[:5]}")
     model = model_from_checkpoint(load_checkpoint(path))
     if any(p.device.type != "cpu" for p in model.parameters()):
         raise AssertionError("model_from_checkpoint did not build the model on the CPU")
-    return {"tensors": sum(1 for _ in _all_tensors(raw)), "has_cuda_rng": "cuda_rng" in (raw.get("train") or {})}
+    return {"tensors": sum(1 for _ in iter_tensors(raw)), "has_cuda_rng": "cuda_rng" in (raw.get("train") or {})}
 
 
 def check_model(name: str, manifest: Path, slide: Path, work: Path) -> dict:

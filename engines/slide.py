@@ -10,6 +10,7 @@ the slide come back as the background colour.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 import os
@@ -239,21 +240,14 @@ class _OpenSlideBackend:
         self._lock = threading.Lock() if self.vendor == "dicom" else None
 
     def _call(self, fn):
-        if self._failure is not None:
-            raise RuntimeError(self._failure)
-        if self._lock is None:
-            return self._checked(fn)
-        with self._lock:
+        with self._lock or contextlib.nullcontext():
             if self._failure is not None:
                 raise RuntimeError(self._failure)
-            return self._checked(fn)
-
-    def _checked(self, fn):
-        try:
-            return fn()
-        except Exception as exc:  # noqa: BLE001 - kept, then raised as the caller's error
-            self._failure = str(exc) or type(exc).__name__
-            raise
+            try:
+                return fn()
+            except Exception as exc:  # noqa: BLE001 - kept, then raised as the caller's error
+                self._failure = str(exc) or type(exc).__name__
+                raise
 
     def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         rgba = self._call(lambda: self._osr.read_region((x, y), level, (w, h)))

@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from app import cli
 from engines import devices, registry
+from engines.checkpoint import iter_tensors
 from engines.devices import check_device_spec, dist_backend, resolve_device
 from tests.test_train import manifest  # noqa: F401 - the module-scoped manifest fixture
 
@@ -214,12 +215,6 @@ def _quiet(*args) -> tuple[int, str, str]:
     return rc, out.getvalue(), err.getvalue()
 
 
-def _tensors(obj, path="ckpt"):
-    from engines.checkpoint import iter_tensors
-
-    return iter_tensors(obj, path)
-
-
 def test_cli_train_on_the_cpu_writes_cpu_checkpoints(manifest, tmp_path):  # noqa: F811
     run = tmp_path / "run"
     rc, out, err = _quiet("train", manifest, "--model", "fake", "--epochs", 1, "--out", run,
@@ -230,7 +225,7 @@ def test_cli_train_on_the_cpu_writes_cpu_checkpoints(manifest, tmp_path):  # noq
     for name in ("last.pt", "best.pt"):
         # No map_location: a tensor saved from a GPU would come back on it (or fail to load).
         ck = torch.load(run / name, weights_only=True)
-        found = list(_tensors(ck))
+        found = list(iter_tensors(ck))
         assert any(p.startswith("ckpt.state_dict.") for p, _ in found)
         assert any(p.startswith("ckpt.optimizer.state") for p, _ in found)
         off = [p for p, t in found if t.device.type != "cpu"]
