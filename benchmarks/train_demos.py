@@ -10,7 +10,9 @@ needle-in-a-haystack setting) and last on the target set's training slides toget
 more slides like them (``target``), each stage starting from the previous stage's best
 checkpoint; a recipe may skip stages. All sets are made by ``engines.synth`` with their own
 seeds when missing (the target set in ``--data``, the others beside it as ``<data>-huge``,
-``-big``, ``-medium``, ``-extra1``, ``-extra2``); every stage uses slide-level labels only.
+``-big``, ``-medium``, ``-extra1`` ... ``-extra4``, ``-val2``); every stage uses slide-level
+labels only. A recipe may train its last stage on more target-size slides and validate on 96
+more than the target set's 12 (``target_sets``, ``val_sets``).
 From scratch on the target set the attention models stay at chance: one small needle moves a
 slide's pooled features too little for a random feature net to be pushed towards it, while a
 large needle does, and the texture a model learns to find there is the same in a small needle.
@@ -62,6 +64,9 @@ DATASETS: dict[str, tuple[int, int, tuple[float, float]]] = {
     "needles": (64, 7, (0.001, 0.01)),
     "extra1": (96, 23, (0.001, 0.01)),
     "extra2": (96, 29, (0.001, 0.01)),
+    "extra3": (96, 43, (0.001, 0.01)),
+    "extra4": (96, 47, (0.001, 0.01)),
+    "val2": (96, 41, (0.001, 0.01)),
 }
 # Stages in order: (stage name, the data sets it trains on). The "target" stage trains on the
 # target set's train split plus every slide of the extra sets and validates on the target
@@ -85,7 +90,9 @@ STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
 # allows 10 % more, but never more than what is left of BUDGET_MINUTES after the stages
 # before it, so a whole curriculum takes at most 60 minutes on a 2-core CPU with one thread
 # per model (two models train side by side). The epoch plan errs long (it allows 30 % for
-# slide opening), so a stage mostly ends before its minutes.
+# slide opening), so a stage mostly ends before its minutes. Optional keys: ``target_sets``,
+# the data sets of the "target" stage (default: STAGES'), and ``val_sets``, sets whose every
+# slide also validates the stages on target-size slides (see ``stage_sets``).
 RECIPES: dict[str, dict] = {
     # Read at 5x (768 px for a 3072 px slide) rather than the preset's 2.5x: at 2.5x a needle
     # is only a few input pixels. Most of its time goes to the target set, where the attention
@@ -150,7 +157,13 @@ RECIPES: dict[str, dict] = {
     # A 168 px localiser (0.86 s a step) reached 0.94 on the 12 validation slides but 0.54 on
     # 96 unseen target-size slides, as this checkpoint (0.52): not kept at twice the cost.
     # A last stage on the 232 slides of "target" (24 minutes planned) stayed at chance too
-    # (0.43 on the 96 seed-37 slides, against 0.41 without).
+    # (0.43 on the 96 seed-37 slides, against 0.41 without). Validated on 108 target-size
+    # slides instead of 12 (``val_sets``), two more variants stayed at chance from their first
+    # target-size epoch on: a 128-d feature net (``small_width`` 16; 0.46-0.48 on those 108
+    # over 10 epochs, 0.33 on the seed-37 slides, localisation 2.2), and that net with layer 1
+    # looking at the whole slide at 224 px from 448 (``first_input_px`` / ``first_source_px``,
+    # a needle 5-18 localiser pixels): 0.76 on 2-6 % needles against 0.93 without, and 0.48-0.52
+    # on 0.5-2 %.
     "magnet": {"lr": 5e-4, "finetune_lr": 1.5e-4,
                "overrides": {"input_px": 112, "source_px": 224, "accumulation": 1},
                "minutes": (12, 9, 0, 15, 0)},
@@ -174,29 +187,49 @@ def ensure_data(data: Path, name: str, size: int) -> Path:
     return manifest
 
 
-def stage_manifest(data: Path, stage: str, sets: tuple[str, ...], size: int) -> Path:
-    """The manifest a stage trains on. One data set: its own manifest. Several: a manifest
-    beside ``data`` (``<data>-<stage>``) with absolute paths: the first set's train and val
-    rows as they are and every row of the others as train; no test row of any set."""
+def stage_manifest(data: Path, stage: str, sets: tuple[str, ...], size: int,
+                   val_sets: tuple[str, ...] = ()) -> Path:
+    """The manifest a stage trains on. One data set and no ``val_sets``: its own manifest.
+    Otherwise a manifest beside ``data`` with absolute paths: the first set's train and val
+    rows as they are, every row of the other ``sets`` as train and every row of ``val_sets``
+    as val; no test row of the first set. It is named ``<data>-<stage>`` for the default
+    sets of the stage, else after the sets it joins, so recipes that differ never share one."""
     manifests = [ensure_data(data, name, size) for name in sets]
-    if len(manifests) == 1:
+    extra_val = [ensure_data(data, name, size) for name in val_sets]
+    if len(manifests) == 1 and not extra_val:
         return manifests[0]
     rows = []
-    for k, manifest in enumerate(manifests):
+    for k, manifest in enumerate(manifests + extra_val):
         with open(manifest, newline="") as fh:
             for row in csv.DictReader(fh):
                 split = row.get("split") or "train"
                 if k == 0 and split == "test":
                     continue
                 path = (manifest.parent / row["slide"]).resolve()
-                rows.append((str(path), row["label"], split if k == 0 else "train"))
-    target = data.parent / f"{data.name}-{stage}" / "manifest.csv"
+                role = split if k == 0 else "train" if k < len(manifests) else "val"
+                rows.append((str(path), row["label"], role))
+    name = f"{data.name}-{stage}"
+    if sets != dict(STAGES).get(stage) or val_sets:
+        name += "-" + "+".join(sets) + ("-val-" + "+".join(val_sets) if val_sets else "")
+    target = data.parent / name / "manifest.csv"
     text = io.StringIO(newline="")
     w = csv.writer(text)
     w.writerow(["slide", "label", "split"])
     w.writerows(rows)
     write_atomic(target, text.getvalue())
     return target
+
+
+def stage_sets(recipe: dict, stage: str, sets: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(training sets, extra validation sets) of ``stage`` under ``recipe``. A recipe may
+    train its last stage on more slides (``target_sets``) and validate every stage on
+    target-size slides on more than the target set's 12 (``val_sets``): 12 slides were too
+    few to pick the best epoch by (one model's AUROC there moved between 0.2 and 0.8 from
+    epoch to epoch while its training loss fell steadily)."""
+    if stage == "target" and recipe.get("target_sets"):
+        sets = tuple(recipe["target_sets"])
+    val = tuple(recipe.get("val_sets", ())) if sets[0] == "needles" else ()
+    return sets, val
 
 
 def seconds_per_step(name: str, manifest: Path, overrides: dict, probes: int = 3) -> float:
@@ -285,7 +318,8 @@ def train_one(name: str, data: Path, size: int, out: Path, scale: float, threads
             summary["run"] = str(run)
             print(f"{name} on {summary['data']}: reusing {run}", file=sys.stderr, flush=True)
         else:
-            manifest = stage_manifest(data, stage, sets, size)
+            train_sets, val_sets = stage_sets(recipe, stage, sets)
+            manifest = stage_manifest(data, stage, train_sets, size, val_sets)
             lr = recipe["finetune_lr"] if init else recipe["lr"]
             summary = train_stage(name, manifest, run, minutes * scale, threads, init, lr, left)
         init = stage_checkpoint(run)

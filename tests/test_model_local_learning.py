@@ -9,7 +9,7 @@ import torchvision
 from torch import nn
 
 from engines import registry
-from engines.models.local_learning import LocalLearning, module_groups
+from engines.models.local_learning import ChannelNorm, LocalLearning, module_groups
 from engines.sampling import Orientation, SlideView
 from engines.slide import Slide
 from engines.trace import AttentionMap, Field, Progress, TrailStep
@@ -208,6 +208,8 @@ def test_seeded_training_is_deterministic():
     ({}, 48 * 16),
     # The ResNet-34 layout (deeper, wider receptive field) with narrow widths.
     ({"widths": (4, 4, 8, 8), "blocks": (3, 4, 6, 3), "head_dim": 8, "gn_groups": 4}, 48 * 31),
+    # A per-pixel norm in the trunk keeps strips exact (a norm over the map would not).
+    ({"trunk_norm": "channel"}, 48 * 16),
 ])
 def test_strip_inference_equals_whole_image(overrides, height):
     model = tiny(strip_rows=2, **overrides).eval()
@@ -228,6 +230,22 @@ def test_strip_inference_equals_whole_image(overrides, height):
     with torch.no_grad():
         cut = model.project_strips(lambda r0, r1: x[:, :, r0:r1], height)
     assert not torch.allclose(cut[-1], whole[-1], atol=1e-5)
+
+
+def test_channel_norm_trunk_normalises_every_pixel_and_trains():
+    model = tiny(trunk_norm="channel")
+    norms = [m for m in model.trunk.modules() if isinstance(m, ChannelNorm)]
+    assert norms and not any(isinstance(m, nn.BatchNorm2d) for m in model.trunk.modules())
+    x = torch.randn(1, 16, 5, 7) * 30 + 4
+    out = ChannelNorm(16)(x)  # identity affine at init: zero mean, unit variance per pixel
+    torch.testing.assert_close(out.mean(1), torch.zeros(1, 5, 7), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.var(1, unbiased=False), torch.ones(1, 5, 7), atol=1e-3, rtol=0)
+    # Its norms learn (freeze_bn only freezes BatchNorm).
+    out = model.training_step_on_tensor(torch.rand(1, 3, 96, 96), 1)
+    assert torch.isfinite(out.loss)
+    assert norms[0].weight.grad is not None and norms[0].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="trunk_norm"):
+        tiny(trunk_norm="instance")
 
 
 # -- traces ----------------------------------------------------------------------------------

@@ -324,7 +324,8 @@ def _check_trace(model, view, probs, events):
             fields[e.id] = e
         elif isinstance(e, AttentionMap):
             rows, cols = e.shape
-            assert (rows, cols) == (cfg.input_px, cfg.input_px)
+            side = cfg.first_input if e.group == "layer 1" else cfg.input_px
+            assert (rows, cols) == (side, side)
             # The map lies exactly on a field it scored (the parent of the boxes it produced).
             assert any(
                 all(abs(a - b) < 1e-6 for a, b in zip(e.rect, f.rect)) for f in fields.values()
@@ -374,6 +375,28 @@ def test_paper_tree_with_three_patches_and_frozen_patch():
     _check_trace(model, view, probs, events)
     # Layer 2 has 2 fields x (3 - 1 frozen) learned stacks.
     assert model.localisers["1"].groups == 4
+
+
+def test_a_sharper_first_layer_sees_the_whole_view_at_its_own_size(demo_roi_view):
+    torch.manual_seed(0)
+    model = registry.create("magnet", "tiny", first_input_px=96, first_source_px=192)
+    assert model.config.first_input == 96 and model.config.first_source == 192
+    probs, events = _explain(model, demo_roi_view)
+    _check_trace(model, demo_roi_view, probs, events)  # layer-1 maps are 96 x 96, later ones 56
+    sides = {e.group: e.shape for e in events if isinstance(e, AttentionMap)}
+    assert sides["layer 1"] == (96, 96) and sides["layer 3"] == (56, 56)
+    # Layer 1 reads the view at first_source_px: the view field's magnification says so.
+    view_field = events[0]
+    assert view_field.magnification == pytest.approx(demo_roi_view.magnification_of(TISSUE_ROI[2], 192))
+    model.train()
+    out = model.training_step(demo_roi_view, 1)
+    out.loss.backward()
+    assert model.localisers["0"].score.weight.grad.abs().sum() > 0
+    # Unset, layer 1 looks as every other layer does (the presets' behaviour).
+    plain = registry.create("magnet", "tiny").config
+    assert (plain.first_input, plain.first_source) == (plain.input_px, plain.source_px)
+    with pytest.raises(ValueError, match="first_input_px"):
+        MagNetConfig(first_input_px=64, first_source_px=32)
 
 
 def test_explain_is_deterministic_and_on_a_roi(demo_roi_view):

@@ -42,7 +42,8 @@ def test_target_stage_manifest_joins_sets_without_test_slides(tmp_path):
     _manifest(tmp_path / "needles-extra1", [("a.tiff", "tumor", "train"), ("b.tiff", "normal", "val"),
                                             ("c.tiff", "tumor", "test")])
     manifest = t.stage_manifest(data, "target", ("needles", "extra1"), size=64)
-    assert manifest == tmp_path / "needles-target" / "manifest.csv"
+    # Not the stage's default sets (those add extra2): a manifest named after its sets.
+    assert manifest == tmp_path / "needles-target-needles+extra1" / "manifest.csv"
     ds = read_manifest(manifest, check_slides=False)
     by_split = {}
     for s in ds.samples:
@@ -54,6 +55,30 @@ def test_target_stage_manifest_joins_sets_without_test_slides(tmp_path):
     assert sorted(p.name for p in extra) == ["a.tiff", "b.tiff", "c.tiff"]  # all of it trains
     assert len(by_split["train"]) == 5
     assert all(p.is_absolute() for s in by_split.values() for p in s)
+
+
+def test_validation_sets_validate_and_recipes_never_share_a_manifest(tmp_path):
+    t = _script()
+    data = tmp_path / "needles"
+    _manifest(data, [("a.tiff", "tumor", "train"), ("b.tiff", "normal", "val"), ("c.tiff", "tumor", "test")])
+    _manifest(tmp_path / "needles-extra1", [("a.tiff", "tumor", "train")])
+    _manifest(tmp_path / "needles-val2", [("a.tiff", "tumor", "train"), ("b.tiff", "normal", "test")])
+    recipe = {"target_sets": ("needles", "extra1"), "val_sets": ("val2",)}
+    sets, val = t.stage_sets(recipe, "target", ("needles", "extra1", "extra2"))
+    assert (sets, val) == (("needles", "extra1"), ("val2",))
+    assert t.stage_sets(recipe, "huge", ("huge",)) == (("huge",), ())  # large needles: their own val
+    assert t.stage_sets({}, "target", ("needles", "extra1")) == (("needles", "extra1"), ())
+    manifest = t.stage_manifest(data, "target", sets, 64, val)
+    assert manifest.parent.name == "needles-target-needles+extra1-val-val2"
+    ds = read_manifest(manifest, check_slides=False)
+    roles = {(s.path.parent.name, s.path.name): s.split for s in ds.samples}
+    assert roles == {("needles", "a.tiff"): "train", ("needles", "b.tiff"): "val",
+                     ("needles-extra1", "a.tiff"): "train",
+                     ("needles-val2", "a.tiff"): "val", ("needles-val2", "b.tiff"): "val"}
+    # The one-set stage of the same recipe gets a manifest of its own, with the extra val.
+    one = t.stage_manifest(data, "needles", ("needles",), 64, val)
+    assert one.parent.name == "needles-needles-needles-val-val2"
+    assert len(read_manifest(one, check_slides=False).split("val")) == 3
 
 
 def test_one_set_stage_uses_its_own_manifest(tmp_path):
@@ -91,7 +116,7 @@ def test_a_curriculum_stops_at_the_sixty_minute_budget(tmp_path, monkeypatch):
                 "run": str(out), "history": []}
 
     monkeypatch.setattr(t, "train_stage", fake_stage)
-    monkeypatch.setattr(t, "stage_manifest", lambda data, stage, sets, size: tmp_path / stage / "m.csv")
+    monkeypatch.setattr(t, "stage_manifest", lambda data, stage, sets, size, val_sets=(): tmp_path / stage / "m.csv")
     monkeypatch.setitem(t.RECIPES, "zoom_in", dict(t.RECIPES["zoom_in"], minutes=(30, 0, 20, 25, 10)))
     report = t.train_one("zoom_in", tmp_path / "needles", 512, tmp_path / "runs", 1.0, 1)
     # 33 + 22 minutes leave 5 for the 25-minute stage and nothing for the last one.

@@ -88,6 +88,7 @@ class LocalLearningConfig:
     widths: tuple[int, ...] = (64, 128, 256, 512)  # "small" only
     blocks: tuple[int, ...] = RESNET34_BLOCKS  # "small" only
     stem_stride: int = 3  # conv1 stride (2 in ImageNet ResNets)
+    trunk_norm: str = "batch"  # "small" only: "batch" (frozen with freeze_bn) or "channel"
     num_modules: int = 4  # K
     magnification: float | None = 5.0  # objective power of the input; None: fallback_downsample
     fallback_downsample: float = 8.0  # used when the slide states neither power nor mpp
@@ -153,10 +154,43 @@ class Trunk(nn.Module):
         return math.ceil(radius)
 
 
-def _small_trunk(widths: tuple[int, ...], blocks: tuple[int, ...], stem_stride: int) -> Trunk:
+class ChannelNorm(nn.Module):
+    """LayerNorm over the channels of each pixel on its own (as in ConvNeXt), written out:
+    torch's fused layer_norm on the channels-last view of a whole-slide map crashed in its
+    backward pass on this CPU build."""
+
+    def __init__(self, channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(1, keepdim=True)
+        var = (x - mean).pow(2).mean(1, keepdim=True)
+        y = (x - mean) * torch.rsqrt(var + self.eps)
+        return y * self.weight[:, None, None] + self.bias[:, None, None]
+
+
+def _norm_layer(kind: str) -> Callable[[int], nn.Module]:
+    """BatchNorm as in ResNet, or ``ChannelNorm``. A small trunk trained from scratch on one
+    slide per step has no useful BatchNorm statistics: frozen at their initial values
+    (``freeze_bn``) they leave it unnormalised. A norm over the whole map (GroupNorm) would
+    make strip inference differ from the whole-image forward; a per-pixel norm is as local
+    as a convolution, so strips stay exact."""
+    if kind == "batch":
+        return nn.BatchNorm2d
+    if kind == "channel":
+        return ChannelNorm
+    raise ValueError(f"unknown trunk_norm {kind!r} (batch or channel)")
+
+
+def _small_trunk(widths: tuple[int, ...], blocks: tuple[int, ...], stem_stride: int,
+                 norm: str = "batch") -> Trunk:
     w0 = widths[0]
+    norm_layer = _norm_layer(norm)
     stem = nn.Sequential(
-        nn.Conv2d(3, w0, 7, stem_stride, 3, bias=False), nn.BatchNorm2d(w0), nn.ReLU(inplace=True),
+        nn.Conv2d(3, w0, 7, stem_stride, 3, bias=False), norm_layer(w0), nn.ReLU(inplace=True),
         nn.MaxPool2d(3, 2, 1),
     )
     stages, cin = [], w0
@@ -167,8 +201,8 @@ def _small_trunk(widths: tuple[int, ...], blocks: tuple[int, ...], stem_stride: 
             s = stride if b == 0 else 1
             down = None
             if s != 1 or cin != w:
-                down = nn.Sequential(nn.Conv2d(cin, w, 1, s, bias=False), nn.BatchNorm2d(w))
-            layer.append(BasicBlock(cin, w, s, down))
+                down = nn.Sequential(nn.Conv2d(cin, w, 1, s, bias=False), norm_layer(w))
+            layer.append(BasicBlock(cin, w, s, down, norm_layer=norm_layer))
             cin = w
         stages.append(nn.Sequential(*layer))
     trunk = Trunk(stem, stages)
@@ -326,7 +360,7 @@ class LocalLearning(SlideModel):
         elif c.backbone == "small":
             if len(c.widths) != 4 or len(c.blocks) != 4 or min(c.blocks) < 1 or min(c.widths) < 1:
                 raise ValueError("the small backbone needs four positive widths and four positive block counts")
-            self.trunk = _small_trunk(tuple(c.widths), tuple(c.blocks), c.stem_stride)
+            self.trunk = _small_trunk(tuple(c.widths), tuple(c.blocks), c.stem_stride, c.trunk_norm)
             blocks = tuple(c.blocks)
         else:
             raise ValueError(f"unknown backbone {c.backbone!r} (resnet34 or small)")

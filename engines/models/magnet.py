@@ -48,9 +48,13 @@ Where it departs from the paper, and why
   centroid and clamp it to ``|t| <= 1 - s``, which keeps every box inside its parent.
 * **How (s, t) come from the mask** is in the paper's appendix, which we do not have; the
   centroid/spread reading above is ours. ``s`` is capped at 1 (a box never exceeds its parent).
-* Sparsemax scores are divided by ``input_px`` so that an untrained localiser spreads its mask over
-  a sizeable region rather than a handful of pixels (where ``s`` would sit at 0.05 with no
-  gradient).
+* Sparsemax scores are divided by the side of the localiser's input so that an untrained
+  localiser spreads its mask over a sizeable region rather than a handful of pixels (where
+  ``s`` would sit at 0.05 with no gradient).
+* ``first_input_px`` / ``first_source_px`` (off in both presets) let layer 1, which sees the
+  whole view, look at it sharper than the later layers look at their smaller fields: the
+  later layers' stacks are many (one per field and patch), layer 1's few, so a finer first
+  look costs little, and on a whole slide it is where a small region is smallest.
 * GRU hidden size and Inception branch widths are not given in the paper (``paper`` preset:
   512 and 16 channels per branch). Auxiliary classifiers run in training only.
 * The ``paper`` tree is 2-3-3 patches (18 final patches, as in the paper's Fig. 4 for 3 layers).
@@ -89,6 +93,8 @@ class MagNetConfig:
     patches: tuple[int, ...] = (2, 3, 3)  # P_l per layer (paper: 18 final patches for 3 layers)
     input_px: int = 56  # I: what the localiser convolutions see
     source_px: int = 112  # I': what the crops are sampled from
+    first_input_px: int = 0  # I of layer 1 (the whole view) when not 0; later layers keep input_px
+    first_source_px: int = 0  # I' of layer 1 when not 0 (with 2+ layers)
     final_px: int = 224  # the last layer's crops (classifier input)
     final_source_px: int = 448  # I' of the last layer
     kernel_sizes: tuple[int, ...] = (1, 3, 5)
@@ -119,6 +125,8 @@ class MagNetConfig:
             )
         if self.input_px < 8 or self.source_px < self.input_px:
             raise ValueError("magnet: input_px must be >= 8 and source_px >= input_px")
+        if self.first_input_px and (self.first_input_px < 8 or self.first_source < self.first_input_px):
+            raise ValueError("magnet: first_input_px must be >= 8 and first_source_px >= it")
         if self.final_px < 32 or self.final_source_px < 8:
             raise ValueError("magnet: final_px must be >= 32 and final_source_px >= 8")
         if not 0 < self.min_scale <= 1:
@@ -133,6 +141,16 @@ class MagNetConfig:
             raise ValueError("magnet: kernel_sizes must be odd and positive")
         if self.branch_width < 1 or self.gru_hidden < 1 or self.small_width < 1 or self.chunk < 1:
             raise ValueError("magnet: widths, gru_hidden and chunk must be positive")
+
+    @property
+    def first_input(self) -> int:
+        return self.first_input_px or self.input_px
+
+    @property
+    def first_source(self) -> int:
+        if self.layers == 1:
+            return self.final_source_px
+        return self.first_source_px or self.source_px
 
     @property
     def total_patches(self) -> int:
@@ -362,13 +380,13 @@ class MagNet(SlideModel):
         fields: list[Rect] = [bounds]
         ids: list[int] = [0]
         next_id = 1
-        first_px = cfg.final_source_px if cfg.layers == 1 else cfg.source_px
+        first_px = cfg.first_source
         if emit is not None:
             emit(Field(0, None, 0, bounds, 1.0, "view", view.magnification_of(bounds[2], first_px)))
             emit(Progress(0, total, "reading the slide"))
         dev = self.device
         src = view.read_tensor(fields, first_px, first_px).to(dev)  # I' of layer 1
-        x = F.interpolate(src, size=(cfg.input_px, cfg.input_px), mode="area")  # I of layer 1
+        x = F.interpolate(src, size=(cfg.first_input, cfg.first_input), mode="area")  # I of layer 1
         aux_images: dict[int, torch.Tensor] = {}
         patches = x
         for i, p in enumerate(cfg.patches):
@@ -407,7 +425,7 @@ class MagNet(SlideModel):
         if learned:
             scores = self.localisers[str(i)](backbones.normalise(x.repeat_interleave(learned, 0)))
             g, h, w = scores.shape
-            masks = sparsemax(scores.reshape(g, h * w) / cfg.input_px).view(g, h, w)
+            masks = sparsemax(scores.reshape(g, h * w) / w).view(g, h, w)
             parts = [v.view(n, learned) for v in mask_to_zoom(masks, cfg.min_scale, cfg.box_sigmas)]
         else:
             parts = [x.new_zeros(n, 0)] * 3
@@ -433,7 +451,7 @@ class MagNet(SlideModel):
                 emit(AttentionMap(
                     name=f"layer {layer} patch {k + 1} of field {ids[parent]}",
                     group=f"layer {layer}",
-                    magnification=view.magnification_of(fw, cfg.input_px),
+                    magnification=view.magnification_of(fw, w),
                     origin=(fx, fy),
                     cell=(fw / w, fh / h),
                     values=m.tolist(),
