@@ -166,9 +166,8 @@ class ChannelNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean = x.mean(1, keepdim=True)
-        var = (x - mean).pow(2).mean(1, keepdim=True)
-        y = (x - mean) * torch.rsqrt(var + self.eps)
+        centred = x - x.mean(1, keepdim=True)
+        y = centred * torch.rsqrt(centred.pow(2).mean(1, keepdim=True) + self.eps)
         return y * self.weight[:, None, None] + self.bias[:, None, None]
 
 
