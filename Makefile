@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.maglens-installed
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: run test bench venv clean-venv
+.PHONY: run test bench venv clean-venv check-deps deps
 
 venv: $(STAMP)
 
@@ -15,7 +15,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test,bench]'
 	@touch $(STAMP)
 
-run: $(STAMP)
+# Qt's X11 plugin needs system libraries the PySide6 wheel does not carry (libxcb-cursor0 and
+# more on minimal systems): say which, with the apt-get line, before anything is installed.
+check-deps:
+	@python3 tools/check_qt_deps.py
+
+# Installs the missing ones (running `make deps` is the go-ahead; prints the sudo line otherwise).
+deps:
+	@python3 tools/check_qt_deps.py --install
+
+run: check-deps $(STAMP)
 	$(PY) -m app
 
 test: $(STAMP)

@@ -387,21 +387,28 @@ def positive_float(text: str) -> float:
 
 
 def _configure_train(p: argparse.ArgumentParser) -> None:
+    # Settings that shape a run's numbers default to None: a resume then takes the run's own
+    # (stored in last.pt) and refuses a conflicting one; a new run takes the default shown.
     p.add_argument("manifest", help="CSV with slide,label[,split] (paths relative to it)")
     p.add_argument("--model", required=True, help="model name")
-    p.add_argument("--preset", default="tiny", help="model preset (default tiny)")
+    p.add_argument("--preset", default=None, help="model preset (default tiny; a resume keeps the run's)")
     p.add_argument("--epochs", type=positive_int, default=10, metavar="N", help="epochs (default 10)")
     p.add_argument("--out", default="runs/train", metavar="DIR",
-                   help="run folder for checkpoints and metrics (default runs/train)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+                   help="run folder for checkpoints and metrics (default runs/train); "
+                        "one run at a time may use it")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last.pt with the run's own settings")
     p.add_argument("--init", metavar="CHECKPOINT", help="fine-tune from these weights")
-    p.add_argument("--freeze-backbone", action="store_true", help="train only the layers after the backbone")
+    p.add_argument("--freeze-backbone", action="store_true", default=None,
+                   help="train only the layers after the backbone")
     p.add_argument("--lr", type=positive_float, default=1e-3, help="learning rate (default 0.001)")
     p.add_argument("--accumulation", "--batch", type=positive_int, dest="accumulation", metavar="N",
                    help="slides per optimiser step (gradient accumulation; default: the preset's)")
-    p.add_argument("--seed", type=seed_int, default=0, help="seed of the split, order and augmentation")
+    p.add_argument("--seed", type=seed_int, default=None,
+                   help="seed of the split, order and augmentation (default 0)")
     p.add_argument("--threads", type=positive_int, metavar="N", help="torch threads per process")
     _add_device(p, "training")
+    p.set_defaults(device=None)  # None: auto for a new run, the run's own for a resume
     _add_backbone_weights(p)
 
 
@@ -426,6 +433,13 @@ def _check_train_args(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {args.out} is a file; give a folder")
+    if _env_rank() == 0:  # under torchrun rank 0 holds the lock for all
+        from engines.runlock import lock_holder
+
+        holder = lock_holder(out)
+        if holder is not None:
+            raise UsageError(f"--out {args.out} is in use by another training run ({holder}); "
+                             "wait for it to finish or choose another folder")
     if args.resume and not (out / "last.pt").is_file():
         raise UsageError(f"--resume: {out / 'last.pt'} does not exist (nothing to resume)")
     if not args.resume and (out / "last.pt").exists():
@@ -482,16 +496,61 @@ class _CancelOnSignal:
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # type: ignore[arg-type]
 
 
+def _env_rank() -> int:
+    """This process's rank under torchrun (0 alone), known before the processes meet."""
+    try:
+        return int(os.environ.get("RANK", "0") or 0)
+    except ValueError:
+        return 0
+
+
 @command("train", "train or fine-tune a model from a manifest (also under torchrun)", _configure_train)
 def cmd_train(args: argparse.Namespace) -> int:
     _check_train_args(args)
+    from contextlib import ExitStack
+
+    from engines.runlock import RunLock, RunLockedError
+
+    with ExitStack() as held:
+        if _env_rank() == 0:  # rank 0 holds --out for every rank of a torchrun job
+            try:
+                # Makes --out when missing, and removes it again if the run wrote nothing.
+                held.enter_context(RunLock(args.out))
+            except RunLockedError as exc:
+                raise UsageError(str(exc)) from None
+            except OSError as exc:  # e.g. a folder without write permission
+                raise UsageError(f"--out {args.out} cannot be written ({exc.strerror or exc})") from None
+        return _train_locked(args)
+
+
+def _train_config(args: argparse.Namespace):
+    """The TrainConfig the arguments ask for; on --resume, completed from the run's own
+    settings (a conflicting one is bad input)."""
+    from engines.train import TrainConfig, resume_config
+
+    cfg = TrainConfig(manifest=args.manifest, model=args.model, preset=args.preset, out=args.out,
+                      epochs=args.epochs, lr=args.lr, accumulation=args.accumulation, seed=args.seed,
+                      resume=args.resume, init=args.init, freeze_backbone=args.freeze_backbone,
+                      threads=args.threads, device=args.device,
+                      overrides=backbone_overrides(args.model, args.preset, args.backbone_weights))
+    if args.resume:
+        try:
+            cfg = resume_config(cfg)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    return cfg
+
+
+def _train_locked(args: argparse.Namespace) -> int:
     from engines.train import init_distributed
 
+    cfg = _train_config(args)
+    args.device = cfg.device
     device = _resolve_device(args)  # before the processes meet: a missing GPU is bad input
     rank, world = init_distributed(device)  # a no-op unless torchrun started several processes
     finished = False
     try:
-        code = _train(args, rank, world)
+        code = _train(args, cfg, rank, world)
         finished = True
         return code
     finally:
@@ -517,15 +576,10 @@ def _leave_process_group(finished: bool) -> None:
     dist.destroy_process_group()
 
 
-def _train(args: argparse.Namespace, rank: int, world: int) -> int:
+def _train(args: argparse.Namespace, cfg, rank: int, world: int) -> int:
     from engines.data import ManifestError
-    from engines.train import EpochEvent, LogEvent, StepEvent, TrainConfig, TrainControl, train
+    from engines.train import EpochEvent, LogEvent, StepEvent, TrainControl, best_epoch, train
 
-    cfg = TrainConfig(manifest=args.manifest, model=args.model, preset=args.preset, out=args.out,
-                      epochs=args.epochs, lr=args.lr, accumulation=args.accumulation, seed=args.seed,
-                      resume=args.resume, init=args.init, freeze_backbone=args.freeze_backbone,
-                      threads=args.threads, device=args.device,
-                      overrides=backbone_overrides(args.model, args.preset, args.backbone_weights))
     bar = ProgressPrinter(sys.stderr, label_width=72)  # only rank 0 gets events to draw
 
     started = [False]
@@ -551,20 +605,17 @@ def _train(args: argparse.Namespace, rank: int, world: int) -> int:
 
     control = TrainControl()
     out = Path(args.out)
-    fresh_out = not out.exists()
     try:
         try:
             with _CancelOnSignal(control, quiet=rank != 0):
                 result = train(cfg, on_event=on_event, control=control)
         finally:
             bar.finish()
-            if fresh_out and rank == 0:
-                _remove_if_empty(out)  # the trainer makes the folder first: leave no empty one
     except ManifestError as exc:
         if rank == 0:  # every process read the same manifest: list its problems once
             print(f"{PROG} train: error: manifest {args.manifest} has {len(exc.problems)} problem(s):",
                   file=sys.stderr)
-            for problem in exc.problems:
+            for problem in exc.shown:  # capped; the first line gives the full count
                 print(f"  {problem}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except (FileNotFoundError, ValueError) as exc:
@@ -577,37 +628,27 @@ def _train(args: argparse.Namespace, rank: int, world: int) -> int:
         return EXIT_FAILED if result.cancelled else EXIT_OK
     if result.cancelled:
         print(f"{PROG} train: stopped; {out / 'last.pt'} keeps the run. Continue with: "
-              f"{PROG} train {args.manifest} --model {args.model} --out {args.out} "
-              f"--epochs {args.epochs} --resume", file=sys.stderr)
+              f"{_resume_command(args, world)}", file=sys.stderr)
         return EXIT_FAILED
     if args.resume and not started[0]:
         print(f"{PROG} train: nothing left to train: the run in {out} already has "
               f"{len(result.history)} epoch(s); give a larger --epochs to go on", file=sys.stderr)
         return EXIT_OK
-    best = f"best.pt from epoch {_best_epoch(result.history)}" if result.history else "no epochs run"
+    best = f"best.pt from epoch {best_epoch(result.history)}" if result.history else "no epochs run"
     print(f"{PROG} train: {result.epochs_done} epoch(s) done ({best}); checkpoints {out / 'last.pt'}, "
           f"{out / 'best.pt'}; metrics {out / 'metrics.jsonl'}", file=sys.stderr)
     return EXIT_OK
 
 
-def _remove_if_empty(folder: Path) -> None:
-    try:
-        folder.rmdir()  # fails, harmlessly, unless the folder is empty
-    except OSError:
-        pass
+def _resume_command(args: argparse.Namespace, world: int) -> str:
+    """The command that continues this run. The run's seed, accumulation, threads, device,
+    preset and split live in last.pt and are taken from there, so these arguments suffice."""
+    import shlex
 
-
-def _best_epoch(history: list[dict[str, float]]) -> int:
-    """The epoch best.pt holds, by the trainer's rule: highest val AUROC, else lowest loss."""
-    def key(m: dict[str, float]) -> float:
-        v = m.get("val_auroc", float("nan"))
-        return v if not math.isnan(v) else -m.get("val_loss", m.get("train_loss", 0.0))
-
-    best = history[0]
-    for m in history[1:]:
-        if key(m) > key(best):
-            best = m
-    return int(best.get("epoch", 0))
+    launcher = f"torchrun --nproc_per_node={world} -m app" if world > 1 else PROG
+    parts = [launcher, "train", shlex.quote(str(args.manifest)), "--model", shlex.quote(args.model),
+             "--out", shlex.quote(str(args.out)), "--epochs", str(args.epochs), "--resume"]
+    return " ".join(parts)
 
 
 # ---------------------------------------------------------------------------------------

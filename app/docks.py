@@ -1,7 +1,8 @@
 """The main window's dock panels: slide properties, associated images and overlay layers.
 
-Also a small background-job runner, because nothing that touches OpenSlide may run on the GUI
-thread (associated images are JPEG-decoded, and opening a slide parses its whole header).
+Also a small background-job runner (opening a slide parses its whole header, and nothing that
+touches OpenSlide may run on the GUI thread); associated images are read by the canvas's region
+store, which the window hands to the panel.
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import html
 from typing import Any, Callable
 
 import numpy as np
-from PySide6.QtCore import QObject, QRectF, QSize, QSortFilterProxyModel, Qt, QThreadPool, Signal
+from PySide6.QtCore import QObject, QRectF, QSize, QSortFilterProxyModel, Qt, Signal
 from PySide6.QtGui import QColor, QImage, QPainter, QStandardItem, QStandardItemModel
 from PySide6.QtWidgets import (
     QAbstractItemView,
@@ -30,6 +31,8 @@ from PySide6.QtWidgets import (
 )
 
 from engines.slide import Slide
+from viewer.region_store import RegionStore
+from viewer.workers import WorkerPool
 
 # Associated images in the order a pathologist looks at them.
 ASSOCIATED_ORDER = ("label", "macro", "thumbnail")
@@ -39,18 +42,20 @@ ASSOCIATED_ORDER = ("label", "macro", "thumbnail")
 # Background jobs
 # ---------------------------------------------------------------------------------------
 class Background(QObject):
-    """Runs callables on a private thread pool; results come back on the GUI thread.
+    """Runs callables on private worker threads; results come back on the GUI thread.
 
     ``submit(fn, on_done, on_error)``: ``fn()`` runs in a worker; then ``on_done(result)`` or
-    ``on_error(exception)`` is called in the thread that owns this object.
+    ``on_error(exception)`` is called in the thread that owns this object. Workers follow
+    ``viewer.workers``: ``shutdown(timeout_ms)`` drops queued jobs, waits a bounded time for
+    running ones and leaves any still running to the process; results of jobs that end after
+    shutdown are dropped.
     """
 
     _finished = Signal(object, object)  # callback, its argument
 
-    def __init__(self, parent: QObject | None = None, threads: int = 1) -> None:
+    def __init__(self, parent: QObject | None = None, threads: int = 1, name: str = "jobs") -> None:
         super().__init__(parent)
-        self._pool = QThreadPool(self)
-        self._pool.setMaxThreadCount(max(1, threads))
+        self._pool = WorkerPool(name, max(1, threads))
         # Emitted from workers, received here: Qt queues it onto this object's thread.
         self._finished.connect(self._deliver)
 
@@ -59,25 +64,34 @@ class Background(QObject):
         fn: Callable[[], Any],
         on_done: Callable[[Any], None],
         on_error: Callable[[BaseException], None],
-    ) -> None:
+    ) -> bool:
+        """Queue ``fn``; False when this runner has been shut down (nothing runs then)."""
+        pool = self._pool
+
         def job() -> None:
             try:
                 value, callback = fn(), on_done
             except BaseException as exc:  # noqa: BLE001 - every failure goes to the caller
                 value, callback = exc, on_error
+            if pool.closed:
+                return  # shut down while the job ran: nobody is waiting for the result
             try:
                 self._finished.emit(callback, value)
             except RuntimeError:
                 pass  # the window was destroyed while the job ran: nobody is listening
 
-        self._pool.start(job)
+        return pool.start(job)
 
     def wait(self, msecs: int = 5000) -> bool:
-        return self._pool.waitForDone(msecs)
+        return self._pool.wait_idle(msecs)
 
     def clear(self) -> None:
         """Drop queued jobs that have not started."""
         self._pool.clear()
+
+    def shutdown(self, msecs: int = 3000) -> bool:
+        """Stop for good: True when no job is still running."""
+        return self._pool.shutdown(msecs)
 
     def _deliver(self, callback: Callable[[Any], None], value: Any) -> None:
         callback(value)
@@ -114,8 +128,10 @@ class PropertiesPanel(QWidget):
         self.levels_table.setHorizontalHeaderLabels(["Level", "Width", "Height", "Downsample"])
         _compact_table(self.levels_table)
         levels_header = self.levels_table.horizontalHeader()
-        levels_header.setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
-        levels_header.setSectionResizeMode(0, QHeaderView.ResizeMode.ResizeToContents)
+        # Sizes take what they need and the downsample the rest, so values like 4.002681
+        # show whole instead of being elided or clipped at the dock's edge.
+        levels_header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        levels_header.setSectionResizeMode(3, QHeaderView.ResizeMode.Stretch)
         levels_header.setMinimumSectionSize(30)
         self.levels_table.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         self.levels_table.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
@@ -169,9 +185,11 @@ class PropertiesPanel(QWidget):
 
         self.levels_table.setRowCount(slide.level_count)
         for i, lv in enumerate(slide.levels):
-            cells = (str(i), f"{lv.width:,}", f"{lv.height:,}", f"{lv.downsample:.3g}")
+            cells = (str(i), f"{lv.width:,}", f"{lv.height:,}", self.format_downsample(lv.downsample))
             for col, text in enumerate(cells):
                 item = QTableWidgetItem(text)
+                if col == 3:
+                    item.setToolTip(repr(float(lv.downsample)))
                 item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
                 self.levels_table.setItem(i, col, item)
 
@@ -185,6 +203,15 @@ class PropertiesPanel(QWidget):
         # Long vendor keys would push the values out of a narrow dock.
         self.table.setColumnWidth(0, min(self.table.columnWidth(0), 220))
         self._fit_levels_height()
+
+    @staticmethod
+    def format_downsample(ds: float) -> str:
+        """A downsample in full: 4.000, 2.00134, 16.000323 (never rounded to a misleading 2 or
+        16, nor 1.02e+03). Six decimals, trailing zeros trimmed down to three."""
+        text = f"{float(ds):.6f}"
+        whole, frac = text.split(".")
+        frac = frac.rstrip("0").ljust(3, "0")
+        return f"{whole}.{frac}"
 
     def _fit_levels_height(self) -> None:
         """Show every level without a scroll bar (up to 8 rows), and no empty space."""
@@ -258,9 +285,9 @@ class AssociatedImagesPanel(QWidget):
     image_loaded = Signal(str)  # name
     all_loaded = Signal()
 
-    def __init__(self, jobs: Background, parent: QWidget | None = None) -> None:
+    def __init__(self, jobs: Background | RegionStore, parent: QWidget | None = None) -> None:
         super().__init__(parent)
-        self._jobs = jobs
+        self._jobs = jobs  # the canvas's region store in the viewer: it owns slide reads
         self._token = 0
         self._pending = 0
         self.images: dict[str, QImage] = {}

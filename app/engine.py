@@ -1,9 +1,14 @@
-"""The engine thread: one QThread that runs models and training jobs off the GUI thread.
+"""The engine thread: one worker thread that runs models and training jobs off the GUI thread.
 
 A job is a callable ``job(emit, cancel) -> result``; it calls ``emit(event)`` for anything the
 GUI should see and checks ``cancel`` (a ``threading.Event``). Events, results and errors come
 back as Qt signals stamped with the run id, so the GUI can drop whatever belongs to a run it
 cancelled or replaced.
+
+The worker is a daemon thread of a ``viewer.workers.WorkerPool`` (not a QThread), so it shares
+the shutdown discipline of every background owner: ``shutdown(timeout_ms)`` cancels, waits a
+bounded time, and leaves a job that ignores cancel to finish on its own; the process waits for
+it (bounded) when the application quits, and a window closed mid-run never aborts the process.
 """
 from __future__ import annotations
 
@@ -14,11 +19,14 @@ import threading
 import traceback
 from typing import Any, Callable
 
-from PySide6.QtCore import QObject, QThread, Signal, Slot
+from PySide6.QtCore import QObject, Signal, Slot
+
+from viewer.workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
 Job = Callable[[Callable[[object], None], threading.Event], Any]
+SHUTDOWN_WAIT_MS = 3000  # how long closing a window waits for a cancelled job
 
 
 def engine_threads() -> int:
@@ -27,6 +35,9 @@ def engine_threads() -> int:
 
 
 class _Worker(QObject):
+    """Emits from the worker thread. It has no parent, and every queued job holds it, so it
+    outlives a window that closes while a job still runs."""
+
     event = Signal(int, object)
     done = Signal(int, object)
     failed = Signal(int, str)
@@ -35,31 +46,40 @@ class _Worker(QObject):
     def __init__(self, torch_threads: int) -> None:
         super().__init__()
         self._torch_threads = torch_threads
-        self._configured = False
+        self._configured: set[int] = set()  # threads whose torch thread count is set
 
-    @Slot(int, object, object)
-    def run(self, run_id: int, job: Job, cancel: threading.Event) -> None:
-        if not self._configured:
+    def _configure(self) -> None:
+        tid = threading.get_ident()
+        if tid not in self._configured:
             import torch
 
             torch.set_num_threads(self._torch_threads)
-            self._configured = True
+            self._configured.add(tid)
+
+    def _emit(self, signal, *args) -> None:
+        try:
+            signal.emit(*args)
+        except RuntimeError:  # the receiving side is gone: nobody is listening any more
+            pass
+
+    def run(self, run_id: int, job: Job, cancel: threading.Event) -> None:
         if cancel.is_set():
-            self.cancelled.emit(run_id)
+            self._emit(self.cancelled, run_id)
             return
         try:
-            result = job(lambda e: self.event.emit(run_id, e), cancel)
-        except BaseException as exc:  # noqa: BLE001 - nothing may escape into Qt's loop
+            self._configure()
+            result = job(lambda e: self._emit(self.event, run_id, e), cancel)
+        except BaseException as exc:  # noqa: BLE001 - nothing may escape the worker
             if cancel.is_set() or type(exc).__name__ == "Cancelled":
-                self.cancelled.emit(run_id)
+                self._emit(self.cancelled, run_id)
                 return
             log.error("engine job %d failed:\n%s", run_id, traceback.format_exc())
-            self.failed.emit(run_id, f"{type(exc).__name__}: {exc}".strip())
+            self._emit(self.failed, run_id, f"{type(exc).__name__}: {exc}".strip())
             return
         if cancel.is_set():
-            self.cancelled.emit(run_id)
+            self._emit(self.cancelled, run_id)
         else:
-            self.done.emit(run_id, result)
+            self._emit(self.done, run_id, result)
 
 
 class EngineThread(QObject):
@@ -71,33 +91,35 @@ class EngineThread(QObject):
     failed = Signal(int, str)
     cancelled = Signal(int)
     busy_changed = Signal(bool)
-    _start = Signal(int, object, object)
 
     def __init__(self, parent: QObject | None = None, torch_threads: int | None = None) -> None:
         super().__init__(parent)
         self._ids = itertools.count(1)
         self._cancels: dict[int, threading.Event] = {}
-        self._thread = QThread()
-        self._thread.setObjectName("maglens-engine")
+        self._pool = WorkerPool("engine", 1)
         self._worker = _Worker(torch_threads or engine_threads())
-        self._worker.moveToThread(self._thread)
-        self._start.connect(self._worker.run)
         for sig, mine in ((self._worker.event, self.event), (self._worker.done, self.done),
                           (self._worker.failed, self.failed), (self._worker.cancelled, self.cancelled)):
             sig.connect(mine)
         for sig in (self._worker.done, self._worker.failed, self._worker.cancelled):
             sig.connect(self._finished)
-        self._thread.start()
 
     @property
     def busy(self) -> bool:
         return bool(self._cancels)
 
+    @property
+    def running(self) -> bool:
+        """A job is running on the worker now (also after ``shutdown`` gave up waiting)."""
+        return self._pool.active() > 0
+
     def submit(self, job: Job) -> int:
         run_id = next(self._ids)
         cancel = threading.Event()
+        worker = self._worker
+        if not self._pool.start(lambda: worker.run(run_id, job, cancel)):
+            raise RuntimeError("the engine has been shut down")
         self._cancels[run_id] = cancel
-        self._start.emit(run_id, job, cancel)
         if len(self._cancels) == 1:
             self.busy_changed.emit(True)
         return run_id
@@ -117,7 +139,13 @@ class EngineThread(QObject):
         if not self._cancels:
             self.busy_changed.emit(False)
 
-    def shutdown(self, timeout_ms: int = 5000) -> None:
+    def wait(self, timeout_ms: int = 5000) -> bool:
+        """Block until no job is queued or running (for scripts and tests)."""
+        return self._pool.wait_idle(timeout_ms)
+
+    def shutdown(self, timeout_ms: int = SHUTDOWN_WAIT_MS) -> bool:
+        """Cancel everything, drop queued jobs and wait up to ``timeout_ms`` for the running
+        one. True when it ended; otherwise it finishes on its own and the process waits for it
+        (bounded) when the application quits. No job can be submitted afterwards."""
         self.cancel()
-        self._thread.quit()
-        self._thread.wait(timeout_ms)
+        return self._pool.shutdown(timeout_ms)

@@ -10,13 +10,15 @@ import logging
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 
 from PySide6.QtCore import QEvent, QObject, QPointF, Qt, QTimer, Signal
 from PySide6.QtGui import QMouseEvent
 
 from app.engine import EngineThread
-from app.models_dock import ModelsPanel, RunRequest
+from app.checkpoint_info import read_checkpoint_info
+from app.models_dock import WHOLE_SLIDE, ModelsPanel, RunRequest, RunStatus
 from app.trail_dock import TrailPlot
 from engines.slide import Slide
 from engines.trace import AttentionMap, Field, Progress, SlideRef, Trace, TraceError, TrailStep
@@ -88,7 +90,34 @@ def make_inference_job(request: RunRequest, slide: Slide, roi, nice: int = ENGIN
     return job
 
 
+Key = tuple[str, str, str]  # (slide path, model, trace name): "whole slide" or "region ..."
+
+
+def scope_name(roi) -> str:
+    """The name a trace is kept and listed under: what part of the slide it covers."""
+    if roi is None:
+        return WHOLE_SLIDE
+    x, y, w, h = roi
+    return f"region {w:.0f}x{h:.0f} at ({x:.0f}, {y:.0f})"
+
+
+def trace_label(model: str, scope: str) -> str:
+    """How a trace is named in the Compare list and the Layers dock."""
+    return model if scope == WHOLE_SLIDE else f"{model} ({scope})"
+
+
+# Key presses on the canvas that move the view: the user takes over and Play stops.
+_NAV_KEYS = {Qt.Key.Key_Left, Qt.Key.Key_Right, Qt.Key.Key_Up, Qt.Key.Key_Down, Qt.Key.Key_Plus,
+             Qt.Key.Key_Equal, Qt.Key.Key_Minus, Qt.Key.Key_Underscore, Qt.Key.Key_F, Qt.Key.Key_1,
+             Qt.Key.Key_2, Qt.Key.Key_3, Qt.Key.Key_4, Qt.Key.Key_5}
+
+
 class InferenceController(QObject):
+    """Runs models on the open slide and shows their traces. What the Models dock, the trail
+    plot and the canvas show always belongs to one trace key (slide, model, trace name): a
+    new slide, another model or another trace replaces all of it, and each key's traces and
+    run status come back with it."""
+
     status = Signal(str)
     trace_changed = Signal(object)  # the TraceLayers now shown, or None
 
@@ -102,20 +131,28 @@ class InferenceController(QObject):
         self.plot = plot
         self.engine = engine or EngineThread(self)
         self.job_factory = job_factory
-        self.layers: dict[tuple[str, str], TraceLayers] = {}
+        self.layers: dict[Key, TraceLayers] = {}
+        self.statuses: dict[Key, RunStatus] = {}  # how each trace's last run ended
+        self._last_scope: dict[tuple[str, str], str] = {}  # (slide, model) -> trace name shown last
         self.current: TraceLayers | None = None
-        self.compare: TraceLayers | None = None  # another model's trace shown alongside
+        self.compare: TraceLayers | None = None  # another trace shown alongside
+        self.shown_key: Key | None = None  # whose trace and status the dock shows
+        self._compare_ids: dict[str, Key] = {}
         self._hovering = False
         self.run_id: int | None = None
-        self._run_key: tuple[str, str] | None = None
+        self._run_key: Key | None = None
+        self._run_started = 0.0
+        self._run_progress: Progress | None = None
+        self._replaced: TraceLayers | None = None  # the trace a running run will replace
         self.last_error: str | None = None
         self.rubber = RubberBandOverlay()
         self._press: QPointF | None = None
         self._band_start: tuple[float, float] | None = None
+        self._watched: set[int] = set()
         self._stop = -1
         self._play = QTimer(self)
         self._play.setInterval(PLAY_INTERVAL_MS)
-        self._play.timeout.connect(lambda: self.step(1, wrap=True))
+        self._play.timeout.connect(self._play_tick)
 
         panel.run_requested.connect(self.run)
         panel.cancel_requested.connect(self.cancel)
@@ -127,6 +164,7 @@ class InferenceController(QObject):
         panel.map_opacity_changed.connect(lambda o: self._each_shown(lambda t: t.set_map_opacity(o)))
         panel.map_chosen.connect(self.choose_map)
         panel.compare_changed.connect(self.set_compare)
+        panel.trace_chosen.connect(self.choose_trace)
         panel.model_combo.currentTextChanged.connect(self._show_for_model)
         plot.step_clicked.connect(self.go_to_step)
         self.engine.event.connect(self._on_event)
@@ -135,46 +173,90 @@ class InferenceController(QObject):
         self.engine.cancelled.connect(self._on_cancelled)
         canvas.installEventFilter(self)
         canvas.cursor_moved.connect(self._on_cursor)
-        self._refresh_choosers()  # nothing to choose before a trace exists
+        self._show(None)  # nothing to show before a slide and a trace exist
 
     # -- keys ------------------------------------------------------------------------------
     def _slide_key(self) -> str | None:
         s = self.canvas.slide
         return str(s.path) if s is not None else None
 
+    def key_for_model(self, model: str) -> Key | None:
+        """The trace of ``model`` the dock shows for the open slide: the one shown last."""
+        slide = self._slide_key()
+        if slide is None:
+            return None
+        return (slide, model, self._last_scope.get((slide, model), WHOLE_SLIDE))
+
+    def traces_of(self, model: str) -> list[str]:
+        """Names of ``model``'s traces (and failed runs) of the open slide."""
+        slide = self._slide_key()
+        names = {k[2] for k in list(self.layers) + list(self.statuses) if k[0] == slide and k[1] == model}
+        return sorted(names, key=lambda n: (n != WHOLE_SLIDE, n))
+
     def slide_changed(self) -> None:
-        """Show the traces of the newly opened slide only."""
+        """Show what belongs to the newly opened slide only: its traces (kept from before)
+        or nothing; a run, Play and the drawn region of the old slide end."""
         self.cancel()
         self.rubber.set_rect(None)
+        self.canvas.remove_overlay(self.rubber)
+        if self.panel.scope_combo.currentText() == "Drawn rectangle":
+            self.panel.scope_combo.setCurrentText("Whole slide")  # its rectangle is gone
         for layers in self.layers.values():
             layers.hide()
         self.current = None
         self.compare = None
-        self._show_for_model(self.panel.model_combo.currentText())
-        self._refresh_choosers()
+        self._show(self.key_for_model(self.panel.model_combo.currentText()))
 
     def _show_for_model(self, model: str) -> None:
-        key = (self._slide_key() or "", model)
-        layers = self.layers.get(key)
-        if layers is self.current:
+        self._show(self.key_for_model(model))
+
+    def choose_trace(self, name: str) -> None:
+        """Show the current model's trace called ``name`` (from the dock's Trace list)."""
+        slide = self._slide_key()
+        if slide is None or not name:
             return
-        if self.current is not None and self.current is not self.compare:
+        model = self.panel.model_combo.currentText()
+        self._last_scope[(slide, model)] = name
+        self._show((slide, model, name))
+
+    def _show(self, key: Key | None) -> None:
+        """Make ``key`` the trace on screen: its layers, prediction, trail, path position and
+        run status; anything of another key goes."""
+        self.stop_playing()
+        layers = self.layers.get(key) if key is not None else None
+        if self.current is not None and self.current is not layers and self.current is not self.compare:
             self.current.hide()
         if layers is not None and layers is self.compare:
             self.compare = None  # it is the main trace now
         self.current = layers
+        self.shown_key = key
         self._stop = -1
+        self.last_error = None
         self.panel.path_label.setText("—")
         if layers is not None:
             self._apply_settings(layers)
             layers.show()
-            self.plot.set_steps(layers.trace.trail, layers.trail.positive, layers.trail.positive_label)
+            self.plot.set_steps(layers.trace.trail or layers.trail.steps, layers.trail.positive,
+                                layers.trail.positive_label)
             self.panel.show_prediction(layers.trace.classes, layers.trace.probs)
         else:
             self.plot.clear()
             self.panel.show_prediction([], [])
+        if key is not None and key == self._run_key and self.run_id is not None:
+            self.panel.set_running(True, self._run_started)
+            if self._run_progress is not None:
+                p = self._run_progress
+                self.panel.set_progress(p.done, p.total, p.stage)
+        else:
+            status = self.statuses.get(key) if key is not None else None
+            self.panel.show_status(status, cancel_enabled=self.run_id is not None)
+            if status is not None and status.error:
+                self.last_error = status.error
         self._refresh_choosers()
         self.trace_changed.emit(layers)
+
+    def _shown(self, key: Key | None) -> bool:
+        return key is not None and key == self.shown_key
 
     def _apply_settings(self, layers: TraceLayers) -> None:
         p = self.panel
@@ -183,9 +265,11 @@ class InferenceController(QObject):
 
     def _new_layers(self, trace: Trace) -> TraceLayers:
         p = self.panel
+        scope = scope_name(trace.roi)
         return TraceLayers(self.canvas, trace, colormap=p.colormap_combo.currentText(),
                            joint=p.joint_check.isChecked(), smooth=p.smooth_check.isChecked(),
-                           map_opacity=p.map_opacity.value() / 100.0)
+                           map_opacity=p.map_opacity.value() / 100.0,
+                           label=trace_label(trace.model, scope))
 
     def _each_shown(self, fn) -> None:
         for layers in (self.current, self.compare):
@@ -193,8 +277,8 @@ class InferenceController(QObject):
                 fn(layers)
 
     def _refresh_choosers(self) -> None:
-        """The map chooser lists the current trace's maps; Compare lists the other models
-        with a trace of this slide."""
+        """The map chooser lists the current trace's maps; Trace lists this model's traces of
+        the slide by name; Compare lists every other trace of this slide."""
         cur = self.current
         if cur is None:
             self.panel.set_maps([])
@@ -202,19 +286,27 @@ class InferenceController(QObject):
             visible = next((i for i, o in enumerate(cur.maps) if o.visible), -1)
             self.panel.set_maps([o.map.name for o in cur.maps], visible)
         slide = self._slide_key() or ""
-        others = sorted(m for (s, m) in self.layers if s == slide and (cur is None or m != cur.trace.model))
-        self.panel.set_compare_choices(others, self.compare.trace.model if self.compare else "")
+        model = self.panel.model_combo.currentText()
+        self.panel.set_trace_choices(self.traces_of(model), self.shown_key[2] if self.shown_key else "")
+        self._compare_ids = {trace_label(k[1], k[2]): k for k, v in self.layers.items()
+                             if k[0] == slide and v is not cur}
+        items = [(label, label) for label in sorted(self._compare_ids)]
+        current = next((label for label, k in self._compare_ids.items()
+                        if self.compare is not None and self.layers.get(k) is self.compare), "")
+        self.panel.set_compare_choices(items, current)
 
     def choose_map(self, index: int) -> None:
         """Show map ``index`` of the current trace in place of those stacked with it."""
         if self.current is not None and 0 <= index < len(self.current.maps):
             self.current.choose_map(self.current.maps[index])
 
-    def set_compare(self, model: str) -> None:
-        """Show the trace ``model`` made of this slide alongside the current one ("" hides it)."""
+    def set_compare(self, name: str) -> None:
+        """Show the trace listed as ``name`` (a model, or "model (region ...)") alongside the
+        current one ("" hides it)."""
         if self.compare is not None and self.compare is not self.current:
             self.compare.hide()
-        layers = self.layers.get((self._slide_key() or "", model)) if model else None
+        key = self._compare_ids.get(name) if name else None
+        layers = self.layers.get(key) if key is not None else None
         self.compare = layers if layers is not self.current else None
         if self.compare is not None:
             self._apply_settings(self.compare)
@@ -233,10 +325,27 @@ class InferenceController(QObject):
             return self.rubber.rect
         return None
 
+    def check_request(self, request: RunRequest) -> str | None:
+        """Why ``request`` cannot run (one line), or None: a checkpoint must be readable and
+        of the chosen model. Uses the metadata the dock has read, else reads it quickly."""
+        if not request.checkpoint:
+            return None
+        info = self.panel.info_reader.cached(request.checkpoint)
+        if info is None:
+            info = read_checkpoint_info(request.checkpoint, full=False)
+        if info is None:
+            return None  # an old file format: the engine checks it as it loads
+        return info.error or info.mismatch(request.model)
+
     def run(self, request: RunRequest) -> int | None:
+        self.stop_playing()
         slide = self.canvas.slide
         if slide is None:
             self._fail("Open a slide first.")
+            return None
+        refused = self.check_request(request)
+        if refused:
+            self._fail(refused)
             return None
         roi = self.roi_for(request.scope)
         if request.scope == "Drawn rectangle" and roi is None:
@@ -244,34 +353,33 @@ class InferenceController(QObject):
             return None
         if self.run_id is not None:
             self.engine.cancel(self.run_id)
-        key = (str(slide.path), request.model)
+        scope = scope_name(roi)
+        key = (str(slide.path), request.model, scope)
         old = self.layers.pop(key, None)
         if old is not None:
             old.hide()
             if old is self.compare:
                 self.compare = None
+            if old is self.current:
+                self.current = None
+        self._replaced = old  # back on screen if this run ends with nothing to show
         trace = Trace(model=request.model, preset=request.preset, checkpoint=None,
                       slide=SlideRef(str(slide.path), slide.width, slide.height, slide.mpp), roi=roi)
-        layers = self._new_layers(trace)
-        self.layers[key] = layers
-        if self.current is not None and self.current is not layers and self.current is not self.compare:
-            self.current.hide()
-        self.current = layers
-        self._stop = -1
-        layers.show()
-        self._refresh_choosers()
-        self.plot.clear()
-        self.panel.show_prediction([], [])
-        self.panel.set_running(True)
+        self.layers[key] = self._new_layers(trace)
+        self.statuses.pop(key, None)
+        self._last_scope[(key[0], key[1])] = scope
         if request.checkpoint:
-            self.panel.add_recent_checkpoint(request.checkpoint)
-        self.last_error = None
+            self.panel.add_recent_checkpoint(request.checkpoint, request.model)
         self._run_key = key
+        self._run_started = time.monotonic()
+        self._run_progress = None
         self.run_id = self.engine.submit(self.job_factory(request, slide, roi))
-        self.trace_changed.emit(layers)
+        self._show(key)
         return self.run_id
 
     def cancel(self) -> None:
+        """Esc: stop Play, and cancel the run in progress."""
+        self.stop_playing()
         if self.run_id is not None:
             self.engine.cancel(self.run_id)
 
@@ -285,8 +393,11 @@ class InferenceController(QObject):
         if not self._mine(run_id):
             return
         layers = self._layers_of_run()
+        shown = self._shown(self._run_key)
         if isinstance(event, Progress):
-            self.panel.set_progress(event.done, event.total, event.stage)
+            self._run_progress = event
+            if shown:
+                self.panel.set_progress(event.done, event.total, event.stage)
             return
         if layers is None:
             return
@@ -299,29 +410,60 @@ class InferenceController(QObject):
             if len(layers.trail.steps) == 1:
                 self.trace_changed.emit(layers)  # the first step: time to show the plot
 
+    def _end_run(self, status: RunStatus) -> tuple[Key | None, bool]:
+        """Record how the run ended; a run that drew nothing gives the screen back to the
+        trace it was to replace. Returns the run's key and whether it is on screen."""
+        key = self._run_key
+        self.run_id = None
+        self._run_progress = None
+        if key is None:
+            return None, False
+        self.statuses[key] = status
+        layers = self.layers.get(key)
+        if (status.error or status.stage == "Cancelled") and layers is not None and layers.empty:
+            layers.hide()
+            if layers is self.current:
+                self.current = None
+            if self._replaced is not None:
+                self.layers[key] = self._replaced
+            else:
+                del self.layers[key]
+        self._replaced = None
+        return key, self._shown(key)
+
     def _on_done(self, run_id: int, trace: Trace) -> None:
         if not self._mine(run_id):
             return
-        self.run_id = None
-        layers = self._layers_of_run()
-        if layers is not None:
-            layers.finish(trace)
-            if layers is self.current:
-                self.plot.set_steps(trace.trail, layers.trail.positive, layers.trail.positive_label)
-                self.trace_changed.emit(layers)
-        note = f"Done in {trace.timings.get('total_s', 0.0):.1f} s"
+        note = f"Done in {time.monotonic() - self._run_started:.1f} s"
         if trace.checkpoint is None:
             note += " — initial weights (no checkpoint)"
-        self.panel.set_finished(trace.classes, trace.probs, note)
+        layers = self._layers_of_run()
+        key, shown = self._end_run(RunStatus(note, done=True))
+        if layers is not None:
+            layers.finish(trace)
+        if shown:
+            if layers is not None and layers is self.current:
+                self.plot.set_steps(trace.trail, layers.trail.positive, layers.trail.positive_label)
+                self.trace_changed.emit(layers)
+            self.panel.set_finished(trace.classes, trace.probs, note)
+        else:
+            self.panel.cancel_button.setEnabled(False)
         self.status.emit(f"{trace.model}: {trace.prediction} ({max(trace.probs):.2f})" if trace.probs else note)
 
     def _on_failed(self, run_id: int, message: str) -> None:
         if not self._mine(run_id):
             return
-        self.run_id = None
-        self._fail(message)
+        key, shown = self._end_run(RunStatus("Failed", message))
+        if shown:
+            self._show(key)
+        else:
+            self.panel.cancel_button.setEnabled(False)
+        if key is not None and key[0] == self._slide_key():  # not over another slide
+            self.status.emit(f"Model run failed: {message}")
+        log.error("model run failed: %s", message)
 
     def _fail(self, message: str) -> None:
+        """A run refused before it starts: said in the dock until something else is shown."""
         self.last_error = message
         self.panel.set_error(message)
         self.status.emit(f"Model run failed: {message}")
@@ -330,22 +472,28 @@ class InferenceController(QObject):
     def _on_cancelled(self, run_id: int) -> None:
         if not self._mine(run_id):
             return
-        self.run_id = None
-        self.panel.set_cancelled()
-        self.status.emit("Model run cancelled")
+        key, shown = self._end_run(RunStatus("Cancelled"))
+        if shown:
+            self._show(key)
+        else:
+            self.panel.cancel_button.setEnabled(False)
+        if key is not None and key[0] == self._slide_key():
+            self.status.emit("Model run cancelled")
 
     # -- the magnification path ------------------------------------------------------------
-    def step(self, direction: int, wrap: bool = False) -> str | None:
-        """Move along the path of the current trace; returns the stop's title."""
+    def step(self, direction: int) -> str | None:
+        """Move along the path of the current trace (the user's [ and ]: Play stops);
+        returns the stop's title."""
+        self.stop_playing()
+        return self._advance(direction)
+
+    def _advance(self, direction: int) -> str | None:
         if self.current is None:
             return None
         stops = self.current.path()
         if not stops:
             return None
-        i = self._stop + direction
-        if wrap:
-            i %= len(stops)
-        i = min(max(i, 0), len(stops) - 1)
+        i = min(max(self._stop + direction, 0), len(stops) - 1)
         self._stop = i
         stop = stops[i]
         rects = stop.rects
@@ -361,21 +509,63 @@ class InferenceController(QObject):
         self.panel.path_label.setText(f"{i + 1} / {len(stops)}: {stop.title}{shown}")
         return stop.title
 
+    def _path_length(self) -> int:
+        return len(self.current.path()) if self.current is not None else 0
+
     def set_playing(self, on: bool) -> None:
-        if on:
-            self._play.start()
-            self.step(1, wrap=True)
-        else:
+        """Play walks the path once, a stop per tick, and stops at its end."""
+        if not on:
             self._play.stop()
+            return
+        n = self._path_length()
+        if n == 0:
+            self.stop_playing()
+            return
+        if self._stop >= n - 1:
+            self._stop = -1  # from the start again
+        self._advance(1)
+        if self._stop >= n - 1:
+            self.stop_playing()
+        else:
+            self._play.start()
+
+    def _play_tick(self) -> None:
+        n = self._path_length()
+        if n == 0 or self._stop >= n - 1:
+            self.stop_playing()
+            return
+        self._advance(1)
+        if self._stop >= n - 1:
+            self.stop_playing()  # the last stop stays on screen
+
+    def stop_playing(self) -> None:
+        """Stop Play (at its end, on Esc, on the user's own pan or zoom, on a new slide,
+        model, trace or run) and release the Play button."""
+        self._play.stop()
+        button = self.panel.play_button
+        if button.isChecked():
+            button.blockSignals(True)
+            button.setChecked(False)
+            button.blockSignals(False)
+
+    @property
+    def playing(self) -> bool:
+        return self._play.isActive()
 
     @property
     def stop_index(self) -> int:
         return self._stop
 
+    def watch_navigation(self, widget) -> None:
+        """Stop Play when the user moves the view from ``widget`` too (e.g. the minimap)."""
+        self._watched.add(id(widget))
+        widget.installEventFilter(self)
+
     # -- the probability trail -------------------------------------------------------------
     def go_to_step(self, index: int) -> None:
         if self.current is None:
             return
+        self.stop_playing()
         step = next((s for s in self.current.trace.trail if s.index == index), None)
         if step is None:
             return
@@ -388,6 +578,9 @@ class InferenceController(QObject):
 
     # -- canvas events: Shift+drag rectangle, click on a trail step ---------------------------
     def eventFilter(self, obj, event) -> bool:  # noqa: N802 - Qt override
+        if obj is self.canvas or id(obj) in self._watched:
+            if self._play.isActive() and self._moves_view(obj, event):
+                self.stop_playing()  # the user takes the view: Play must not take it back
         if obj is not self.canvas or not isinstance(event, QMouseEvent):
             return False
         et = event.type()
@@ -418,6 +611,19 @@ class InferenceController(QObject):
             if self._press is not None and (pos - self._press).manhattanLength() <= CLICK_SLOP_PX:
                 self._click(pos)
             self._press = None
+        return False
+
+    def _moves_view(self, obj, event) -> bool:
+        """Whether ``event`` is the user panning, zooming or fitting the view."""
+        et = event.type()
+        if et in (QEvent.Type.Wheel, QEvent.Type.MouseButtonDblClick):
+            return True
+        if et == QEvent.Type.KeyPress:
+            return obj is self.canvas and event.key() in _NAV_KEYS
+        if et == QEvent.Type.MouseButtonPress:
+            return obj is not self.canvas  # a click on the minimap moves the view there
+        if et == QEvent.Type.MouseMove:
+            return bool(event.buttons() & Qt.MouseButton.LeftButton) and self._band_start is None
         return False
 
     def _band_rect(self, pos: QPointF) -> tuple[float, float, float, float]:
@@ -480,19 +686,20 @@ class InferenceController(QObject):
         if (trace.slide.width, trace.slide.height) != (slide.width, slide.height):
             raise TraceError(f"{Path(path).name} was made on {Path(trace.slide.path).name} "
                              f"({trace.slide.width}x{trace.slide.height}), not on this slide")
-        key = (str(slide.path), trace.model)
+        key = (str(slide.path), trace.model, scope_name(trace.roi))
         old = self.layers.pop(key, None)
         if old is not None:
             old.hide()
             if old is self.compare:
                 self.compare = None
+            if old is self.current:
+                self.current = None
         layers = self._new_layers(trace)
         self.layers[key] = layers
-        if self.current is not None and self.current is not self.compare:
-            self.current.hide()
-        self.current = None
-        self.panel.set_model(trace.model)
-        self._show_for_model(trace.model)
+        self.statuses[key] = RunStatus(f"Opened {Path(path).name}", done=True)
+        self._last_scope[(key[0], key[1])] = key[2]
+        self.panel.set_model(trace.model)  # shows the model's trace chosen last: this one
+        self._show(key)
         return layers
 
     def figure(self, width: int, height: int):

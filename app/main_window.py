@@ -1,11 +1,12 @@
 """MagLens main window: the slide canvas, its docks, menus and status bar, and ``launch``."""
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
 
-from PySide6.QtCore import QBuffer, QByteArray, QIODevice, QMimeData, QSettings, Qt, QTimer, Signal
+from PySide6.QtCore import QMimeData, QSettings, Qt, QTimer, Signal
 from PySide6.QtGui import QAction, QCloseEvent, QDragEnterEvent, QDropEvent, QKeySequence
 from PySide6.QtWidgets import (
     QApplication,
@@ -14,29 +15,40 @@ from PySide6.QtWidgets import (
     QLabel,
     QMainWindow,
     QMessageBox,
+    QProgressDialog,
     QScrollArea,
     QWidget,
 )
 
+from app.display_dialog import DisplayAdjustController
 from app.docks import AssociatedImagesPanel, Background, LayersPanel, PropertiesPanel
+from app.exports import ExportJob, png_bytes
 from app.inference import InferenceController
+from app.help import install_help_menu
 from app.models_dock import ModelsPanel
+from app.recent_labels import distinguishing_labels
 from app.trail_dock import TrailPlot
 from app.settings import APPLICATION, ORGANIZATION, AppSettings
+from engines.resources import demo_slide, resource_path
 from engines.slide import Slide, SlideError
-from engines.trace import TraceError, write_atomic
+from engines.trace import ExportCancelled, TraceError, write_atomic
 from viewer.canvas import SlideCanvas
+from viewer.figure import draw_legend, legend_entries
 from viewer.minimap import Minimap
 
-RESOURCES = Path(__file__).resolve().parents[1] / "resources"
-DEMO_SLIDE = RESOURCES / "CMU-1-Small-Region.svs"
+RESOURCES = resource_path()  # package data, so an installed MagLens finds it too
+DEMO_SLIDE = demo_slide()
 MAGNIFICATIONS = (1, 5, 10, 20, 40)
+NO_MAGNIFICATION = ("No magnification: this slide records neither objective power nor pixel "
+                    "size, so keys 1-5 cannot tell how far to zoom")
 SLIDE_PATTERNS = (
     "*.svs *.tif *.tiff *.ndpi *.vms *.vmu *.scn *.mrxs *.svslide *.bif *.dcm *.qptiff "
     "*.png *.jpg *.jpeg *.bmp"
 )
 SLIDE_FILTER = f"Slides ({SLIDE_PATTERNS});;All files (*)"
 TILE_ERROR_MS = 10_000
+CLOSE_WAIT_MS = 2000  # how long closing waits for each kind of background work
+PROGRESS_AFTER_MS = 300  # an export quicker than this shows no progress dialog
 
 
 class MainWindow(QMainWindow):
@@ -61,7 +73,10 @@ class MainWindow(QMainWindow):
         self.last_error: str | None = None
         self._open_token = 0
         self._opening: str | None = None
+        # Opening slides and exports; display reads belong to the canvas's region store and
+        # models to the engine. All three stop the same way when the window closes.
         self._jobs = Background(self, threads=2)
+        self.exports: list[ExportJob] = []  # exports still running
 
         self.setWindowTitle(APPLICATION)
         self.setAcceptDrops(True)
@@ -86,7 +101,7 @@ class MainWindow(QMainWindow):
     def _build_docks(self) -> None:
         self.minimap = Minimap(self.canvas)
         self.properties_panel = PropertiesPanel()
-        self.associated_panel = AssociatedImagesPanel(self._jobs)
+        self.associated_panel = AssociatedImagesPanel(self.canvas.store)
         self.layers_panel = LayersPanel(self.canvas)
         self.models_panel = ModelsPanel(self.settings.qsettings)
         self.trail_plot = TrailPlot()
@@ -173,9 +188,14 @@ class MainWindow(QMainWindow):
         view_menu.addSeparator()
         self.magnification_actions: list[QAction] = []
         for key, mag in enumerate(MAGNIFICATIONS, start=1):
-            action = self._action(f"{mag}x", lambda m=mag: self.canvas.set_magnification(float(m)), str(key))
+            action = self._action(f"{mag}x", lambda m=mag: self.go_to_magnification(float(m)), str(key))
             self.magnification_actions.append(action)
             view_menu.addAction(action)
+        view_menu.addSeparator()
+        self.display_adjust = DisplayAdjustController(self.canvas, self.settings, self)
+        self.display_action = self._action("Adjust &Display…", self.display_adjust.show_dialog,
+                                           "Ctrl+Shift+D")
+        view_menu.addAction(self.display_action)
         view_menu.addSeparator()
         self.view_menu = view_menu
         for dock in (self.minimap_dock, self.properties_dock, self.associated_dock, self.layers_dock,
@@ -193,6 +213,14 @@ class MainWindow(QMainWindow):
         self.train_action = self._action("&Train or Fine-tune…", self.show_training_dialog, "Ctrl+T")
         model_menu.addAction(self.train_action)
         self.training_dialog = None
+        self.help_menu = install_help_menu(self)
+
+    def go_to_magnification(self, mag: float) -> None:
+        """Keys 1-5; a slide with no scale says why nothing happens instead of ignoring them."""
+        if self.slide is not None and self.canvas.scale_for_magnification(mag) is None:
+            self.statusBar().showMessage(NO_MAGNIFICATION, 8000)
+            return
+        self.canvas.set_magnification(mag)
 
     def _action(self, text: str, slot, shortcut=None) -> QAction:
         action = QAction(text, self)
@@ -207,6 +235,10 @@ class MainWindow(QMainWindow):
         self.canvas.cursor_moved.connect(self._on_cursor_moved)
         self.canvas.tile_failed.connect(self._on_tile_failed)
         self.inference.trace_changed.connect(self._on_trace_changed)
+        # Moving the view yourself stops Play, and F always wins over it.
+        for action in (self.fit_action, self.zoom_in_action, self.zoom_out_action, *self.magnification_actions):
+            action.triggered.connect(self.inference.stop_playing)
+        self.inference.watch_navigation(self.minimap)
 
     # -- opening slides ------------------------------------------------------------------
     @property
@@ -218,9 +250,9 @@ class MainWindow(QMainWindow):
         return self._opening is not None
 
     def wait_for_workers(self, msecs: int = 10_000) -> bool:
-        """Block until background jobs (opens, image decodes) finish; their results still
-        arrive through the event loop. For scripts and tests."""
-        return self._jobs.wait(msecs)
+        """Block until background jobs (opens, exports, associated images and the thumbnail)
+        finish; their results still arrive through the event loop. For scripts and tests."""
+        return self._jobs.wait(msecs) and self.canvas.store.wait_reads(msecs)
 
     def open_dialog(self) -> None:
         start = str(self.slide.path.parent) if self.slide is not None else str(Path.home())
@@ -253,6 +285,7 @@ class MainWindow(QMainWindow):
         # The previous slide is not closed here: tile workers may still be reading it, and
         # it is released once the last of them lets go of it.
         self.canvas.set_slide(slide)  # shows it fitted
+        self.position_label.setText("")  # the old slide's cursor (and its µm) is gone
         self.inference.slide_changed()
         self.properties_panel.set_slide(slide)
         self.associated_panel.set_slide(slide)
@@ -290,8 +323,8 @@ class MainWindow(QMainWindow):
             empty = menu.addAction("No recent slides")
             empty.setEnabled(False)
             return
-        for i, path in enumerate(files, start=1):
-            label = f"&{i % 10}  {Path(path).name}" if i <= 10 else Path(path).name
+        for i, (path, name) in enumerate(zip(files, distinguishing_labels(files)), start=1):
+            label = f"&{i % 10}  {name}" if i <= 10 else name
             action = menu.addAction(label)
             action.setToolTip(path)
             action.setStatusTip(path)
@@ -339,28 +372,104 @@ class MainWindow(QMainWindow):
         start = str(self.slide.path.with_name(self.slide.path.stem + "-view.png"))
         path, _ = QFileDialog.getSaveFileName(self, "Export view as PNG", start, "PNG image (*.png)")
         if path:
-            self.export_view(path)
+            self.start_export_view(path)
 
     def export_view(self, path: str | os.PathLike, width: int | None = None,
                     height: int | None = None) -> bool:
-        """Render the current view (with visible overlays) to a PNG, atomically."""
+        """Render the current view (with visible overlays) to a PNG, atomically, and wait for
+        it: for scripts and tests. The menu runs ``start_export_view`` instead."""
+        return self._wait_export(self.start_export_view(path, width, height, show_progress=False))
+
+    def start_export_view(self, path: str | os.PathLike, width: int | None = None,
+                          height: int | None = None, show_progress: bool = True) -> ExportJob | None:
+        """Export the view as PNG in a worker, with progress and Cancel; the job, or None when
+        refused at once (the error is shown). ``view_exported`` follows success."""
         if self.slide is None:
             self.show_error("Nothing to export", "Open a slide first.")
-            return False
+            return None
         target = Path(path)
         if target.suffix.lower() != ".png":
             target = target.with_name(target.name + ".png")
         w = int(width or self.canvas.width())
         h = int(height or self.canvas.height())
         try:
-            image = self.canvas.render_image(w, h)
-            _save_png_atomic(image, target)
+            plan = self.canvas.plan_render(w, h)
         except Exception as exc:  # noqa: BLE001 - any failure is reported, never a crash
             self.show_error("Export failed", f"{target}: {exc}")
+            return None
+
+        def work(cancel, progress) -> None:
+            total = len(plan.missing) + 1
+            image = plan.render(cancel, lambda done, _n: progress(done, total))
+            _write_png(image, target, cancel)
+
+        job = self._run_export(f"Exporting {target.name}…", target, work, show_progress,
+                               lambda msg: self.show_error("Export failed", f"{target}: {msg}"))
+        job.finished.connect(lambda _p: (
+            self.statusBar().showMessage(f"Exported {target.name} ({w} × {h})", 5000),
+            self.view_exported.emit(str(target))))
+        return job
+
+    def _run_export(self, label: str, target: Path, work, show_progress: bool,
+                    on_error) -> ExportJob:
+        """Start ``work`` on the job threads; a progress dialog with Cancel follows it."""
+        job = ExportJob(label, target, work, self)
+        self.exports.append(job)
+        job.failed.connect(on_error)
+
+        def ended(*_args) -> None:
+            if job in self.exports:
+                self.exports.remove(job)
+            job.deleteLater()
+
+        for sig in (job.finished, job.failed, job.cancelled):
+            sig.connect(ended)
+        job.cancelled.connect(lambda: self.statusBar().showMessage(f"{target.name}: export cancelled", 5000))
+        if show_progress:
+            self._progress_dialog(job, label)
+        if not self._jobs.submit(job.run, job.deliver, job.deliver):
+            job.abandon()  # the window is closing: report it as cancelled
+            QTimer.singleShot(0, job.finish_now)
+        return job
+
+    def _progress_dialog(self, job: ExportJob, label: str) -> QProgressDialog:
+        dialog = QProgressDialog(label, "Cancel", 0, 0, self)
+        dialog.setWindowTitle("Export")
+        dialog.setWindowModality(Qt.WindowModality.NonModal)
+        dialog.setMinimumDuration(PROGRESS_AFTER_MS)
+        dialog.setAutoClose(False)
+        dialog.setAutoReset(False)
+        dialog.setValue(0)  # starts the clock: the dialog shows once the export outlasts the minimum
+        dialog.canceled.connect(job.cancel)
+
+        def step(done: int, total: int) -> None:
+            if total > 0 and dialog.maximum() != total:
+                dialog.setMaximum(total)
+            dialog.setValue(min(done, total) if total > 0 else 0)
+
+        def close(*_args) -> None:
+            dialog.canceled.disconnect(job.cancel)
+            dialog.close()
+            dialog.deleteLater()
+
+        job.progress.connect(step)
+        for sig in (job.finished, job.failed, job.cancelled):
+            sig.connect(close)
+        job.progress_dialog = dialog
+        return dialog
+
+    def _wait_export(self, job: ExportJob | None) -> bool:
+        if job is None:
             return False
-        self.statusBar().showMessage(f"Exported {target.name} ({w} × {h})", 5000)
-        self.view_exported.emit(str(target))
-        return True
+        job.wait()
+        job.finish_now()
+        return job.state == "done"
+
+    def cancel_exports(self, close_dialogs: bool = False) -> None:
+        for job in list(self.exports):
+            job.cancel()
+            if close_dialogs and job.progress_dialog is not None:
+                job.progress_dialog.close()
 
     # -- training ------------------------------------------------------------------------
     def show_training_dialog(self):
@@ -418,25 +527,90 @@ class MainWindow(QMainWindow):
     def save_trace_dialog(self) -> None:
         path = self._trace_path_dialog("Save trace", ".trace.json", "Traces (*.json)", True)
         if path:
-            self._guarded("Cannot save trace", lambda: self.inference.save_trace(path))
+            self.start_save_trace(path)
+
+    def _current_trace(self, what: str):
+        current = self.inference.current
+        if current is None:
+            raise TraceError(f"no trace to {what}: run a model first")
+        return current.trace
+
+    def start_save_trace(self, path: str | os.PathLike, show_progress: bool = True) -> ExportJob | None:
+        """Save the trace on screen as JSON in a worker (atomic); None when there is none."""
+        try:
+            trace = self._current_trace("save")
+        except TraceError as exc:
+            self.show_error("Cannot save trace", str(exc))
+            return None
+        target = Path(path)
+
+        def work(cancel, progress) -> None:
+            progress(0, 0)
+            text = trace.to_json()
+            if cancel.is_set():
+                raise ExportCancelled("save cancelled")
+            write_atomic(target, text)
+
+        return self._run_export(f"Saving {target.name}…", target, work, show_progress,
+                                lambda msg: self.show_error("Cannot save trace", msg))
 
     def geojson_dialog(self) -> None:
         path = self._trace_path_dialog("Export GeoJSON", ".geojson", "GeoJSON (*.geojson *.json)", True)
         if path:
-            self._guarded("Cannot export GeoJSON", lambda: self.inference.export_geojson(path))
+            self.start_export_geojson(path)
+
+    def start_export_geojson(self, path: str | os.PathLike, show_progress: bool = True) -> ExportJob | None:
+        """Export the trace on screen as GeoJSON in a worker, streamed, with progress."""
+        try:
+            trace = self._current_trace("export")
+        except TraceError as exc:
+            self.show_error("Cannot export GeoJSON", str(exc))
+            return None
+        target = Path(path)
+
+        def work(cancel, progress) -> None:
+            trace.save_geojson(target, progress=progress, cancel=cancel)
+
+        return self._run_export(f"Exporting {target.name}…", target, work, show_progress,
+                                lambda msg: self.show_error("Cannot export GeoJSON", msg))
 
     def figure_dialog(self) -> None:
         path = self._trace_path_dialog("Export figure", "-figure.png", "PNG image (*.png)", True)
         if path:
-            self.export_figure(path)
+            self.start_export_figure(path)
 
     def export_figure(self, path: str | os.PathLike, width: int | None = None, height: int | None = None) -> bool:
-        """The view with overlays and a legend, as a PNG (atomic)."""
+        """The view with overlays and a legend, as a PNG (atomic), waited for: for scripts and
+        tests. The menu runs ``start_export_figure``."""
+        return self._wait_export(self.start_export_figure(path, width, height, show_progress=False))
+
+    def start_export_figure(self, path: str | os.PathLike, width: int | None = None,
+                            height: int | None = None, show_progress: bool = True) -> ExportJob | None:
         if self.slide is None:
             self.show_error("Nothing to export", "Open a slide first.")
-            return False
+            return None
         w, h = int(width or self.canvas.width()), int(height or self.canvas.height())
-        return self._guarded("Export failed", lambda: _save_png_atomic(self.inference.figure(w, h), Path(path)))
+        target = Path(path)
+        try:
+            plan = self.canvas.plan_render(w, h)
+        except Exception as exc:  # noqa: BLE001 - reported to the user, never a crash
+            self.show_error("Export failed", str(exc))
+            return None
+        entries = legend_entries(plan.overlays)
+        title = ""
+        current = self.inference.current
+        if current is not None and current.trace.probs:
+            t = current.trace
+            title = f"{t.model}: {t.prediction} ({max(t.probs):.2f})"
+
+        def work(cancel, progress) -> None:
+            total = len(plan.missing) + 1
+            image = plan.render(cancel, lambda done, _n: progress(done, total))
+            draw_legend(image, entries, title)
+            _write_png(image, target, cancel)
+
+        return self._run_export(f"Exporting {target.name}…", target, work, show_progress,
+                                lambda msg: self.show_error("Export failed", msg))
 
     def _guarded(self, title: str, fn) -> bool:
         try:
@@ -481,22 +655,25 @@ class MainWindow(QMainWindow):
         self.settings.save_window_layout(self.saveGeometry(), self.saveState())
 
     def closeEvent(self, event: QCloseEvent) -> None:  # noqa: N802 - Qt override
+        """Cancel everything first, then stop each owner with a bounded wait. Work that ignores
+        cancel (a long C call) is left to the process, which waits for it, bounded, when the
+        application quits (``viewer.workers``): closing mid-run never aborts the process."""
         self.save_layout()
-        self.inference.shutdown()
+        self.cancel_exports(close_dialogs=True)
+        self._jobs.clear()
+        self.inference.cancel()
+        self.inference.shutdown()  # the engine: cancel, wait up to its shutdown limit
         if self.training_dialog is not None:
             self.training_dialog.shutdown()
-        self._jobs.clear()
-        self._jobs.wait(3000)
-        shutdown = getattr(self.canvas, "shutdown", None)
-        if callable(shutdown):
-            shutdown()  # stop tile workers before the widgets go away
+        self._jobs.shutdown(CLOSE_WAIT_MS)
+        self.canvas.shutdown(CLOSE_WAIT_MS)  # the region store: tiles, thumbnail, images
         super().closeEvent(event)
 
 
 def format_position(x: float, y: float, mpp: float | None) -> str:
     """Cursor text for the status bar: level-0 pixels, and microns when the scale is known."""
     text = f"x {x:,.0f}  y {y:,.0f} px"
-    if mpp:
+    if mpp and math.isfinite(mpp) and mpp > 0:
         text += f"   ({x * mpp:,.1f}, {y * mpp:,.1f} µm)"
     return text
 
@@ -511,14 +688,15 @@ def _first_local_file(mime: QMimeData | None) -> str | None:
 
 
 def _save_png_atomic(image, target: Path) -> None:
-    if image is None or image.isNull():
-        raise RuntimeError("the view could not be rendered")
-    data = QByteArray()
-    buf = QBuffer(data)
-    buf.open(QIODevice.OpenModeFlag.WriteOnly)
-    if not image.save(buf, "PNG"):
-        raise OSError("the PNG could not be written")
-    write_atomic(Path(target), bytes(data))
+    write_atomic(Path(target), png_bytes(image))
+
+
+def _write_png(image, target: Path, cancel) -> None:
+    """Encode, then write atomically unless cancelled first (no file, no temporary file)."""
+    data = png_bytes(image)
+    if cancel.is_set():
+        raise ExportCancelled("export cancelled")
+    write_atomic(Path(target), data)
 
 
 def launch(slide_path: str | None = None, model: str | None = None,

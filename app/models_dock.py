@@ -12,13 +12,19 @@ from PySide6.QtWidgets import (
     QProgressBar, QPushButton, QSlider, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget,
 )
 
+from app.checkpoint_info import CheckpointInfo, CheckpointInfoReader
 from engines import registry
+from engines.resources import resource_path
 from viewer.overlays import colormaps
 
 SCOPES = ("Whole slide", "Current view", "Drawn rectangle")
 MAX_RECENT_CHECKPOINTS = 8
 NO_CHECKPOINT = "(initial weights)"
-RESOURCES = Path(__file__).resolve().parents[1] / "resources"
+WHOLE_SLIDE = "whole slide"  # the name of a trace that covers the slide
+_RECENT_KEY = "models/checkpoints_of"  # + "/<model>": each model's recent checkpoints
+_LEGACY_RECENT_KEY = "models/recent_checkpoints"  # one list for all models (older versions)
+PRESET_TIP = "Model sizes: tiny trains on a laptop CPU, paper follows the paper"
+RESOURCES = resource_path()  # package data: found in a checkout and in an installed wheel
 
 
 def bundled_checkpoint(model: str) -> str | None:
@@ -35,6 +41,15 @@ class RunRequest:
     scope: str
 
 
+@dataclass
+class RunStatus:
+    """What the dock says about the last run of one trace: shown again with that trace."""
+
+    stage: str = "Ready"
+    error: str = ""
+    done: bool = False  # the progress bar full
+
+
 class ModelsPanel(QWidget):
     run_requested = Signal(object)  # RunRequest
     cancel_requested = Signal()
@@ -45,7 +60,8 @@ class ModelsPanel(QWidget):
     smooth_changed = Signal(bool)
     map_chosen = Signal(int)  # index into the current trace's maps
     map_opacity_changed = Signal(float)
-    compare_changed = Signal(str)  # a model whose trace shows alongside, "" for none
+    compare_changed = Signal(str)  # a trace (as listed) shown alongside, "" for none
+    trace_chosen = Signal(str)  # the name of one of this model's traces of the slide
 
     def __init__(self, settings: QSettings | None = None, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -59,10 +75,18 @@ class ModelsPanel(QWidget):
         self.model_combo.addItems(registry.list_models())
         self.preset_combo = QComboBox()
         self.preset_combo.addItems(["tiny", "paper"])
+        self.preset_combo.setToolTip(PRESET_TIP)
+        self._user_preset = self.preset_combo.currentText()  # the preset chosen without a checkpoint
+        self._syncing_preset = False
+        self.preset_combo.currentTextChanged.connect(self._remember_preset)
         self._chosen: dict[str, str | None] = {}  # model -> checkpoint chosen for it
+        self._unfiled: set[str] = set()  # recent checkpoints waiting to learn their model
         self._refreshing = False
+        self.info_reader = CheckpointInfoReader.shared()
+        self.info_reader.ready.connect(self._on_info)
         self.checkpoint_combo = QComboBox()
         self.checkpoint_combo.currentIndexChanged.connect(self._remember_checkpoint)
+        self.checkpoint_combo.currentIndexChanged.connect(self._sync_preset)
         self.checkpoint_combo.setEditable(False)
         self.checkpoint_combo.setMinimumContentsLength(12)
         self.checkpoint_combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
@@ -77,11 +101,25 @@ class ModelsPanel(QWidget):
         self.scope_combo.addItems(SCOPES)
         self.scope_combo.setToolTip("Shift+drag on the slide draws the rectangle")
 
+        # What the chosen checkpoint holds, or why it cannot be used with this model.
+        self.checkpoint_note = QLabel("")
+        self.checkpoint_note.setWordWrap(True)
+        self.checkpoint_note.setStyleSheet("color: #555;")
+        # This model's traces of the open slide, by name ("whole slide", "region ...").
+        self.trace_combo = QComboBox()
+        self.trace_combo.setToolTip("This model's traces of the open slide")
+        self.trace_combo.setMinimumContentsLength(12)
+        self.trace_combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        self.trace_combo.activated.connect(lambda i: self.trace_chosen.emit(self.trace_combo.itemData(i) or ""))
+        self.trace_combo.setEnabled(False)
+
         form = QFormLayout()
         form.addRow("Model", self.model_combo)
         form.addRow("Preset", self.preset_combo)
         form.addRow("Checkpoint", ck_row)
+        form.addRow("", self.checkpoint_note)
         form.addRow("Run on", self.scope_combo)
+        form.addRow("Trace", self.trace_combo)
 
         self.run_button = QPushButton("Run")
         self.run_button.setDefault(True)
@@ -98,6 +136,7 @@ class ModelsPanel(QWidget):
         self.progress.setValue(0)
         self.stage_label = QLabel("Ready")
         self.stage_label.setWordWrap(True)
+        # The one time figure: "Elapsed" while a run goes, then the stage says "Done in".
         self.elapsed_label = QLabel("")
         self.error_label = QLabel("")
         self.error_label.setWordWrap(True)
@@ -175,21 +214,45 @@ class ModelsPanel(QWidget):
 
         self.model_combo.currentTextChanged.connect(self._refresh_checkpoints)
         self._refresh_checkpoints()
+        self._sync_preset()
+        self._file_legacy_recent()
 
     # -- checkpoints -----------------------------------------------------------------------
-    def _recent(self) -> list[str]:
+    # Recent checkpoints are kept per model, so each model's list offers only its own.
+    def _recent(self, model: str | None = None) -> list[str]:
         if self._settings is None:
             return []
-        value = self._settings.value("models/recent_checkpoints", [])
-        if isinstance(value, str):
-            value = [value]
-        return [v for v in (value or []) if Path(v).is_file()]
+        key = f"{_RECENT_KEY}/{model or self.model_combo.currentText()}"
+        return [v for v in _str_list(self._settings.value(key, [])) if Path(v).is_file()]
 
-    def add_recent_checkpoint(self, path: str) -> None:
+    def add_recent_checkpoint(self, path: str, model: str | None = None) -> None:
+        """Remember ``path`` among ``model``'s checkpoints (its own model, read from the file,
+        when not given)."""
         if self._settings is None:
             return
-        items = [path] + [p for p in self._recent() if p != path]
-        self._settings.setValue("models/recent_checkpoints", items[:MAX_RECENT_CHECKPOINTS])
+        path = str(path)
+        if model is None:
+            info = self.info_reader.cached(path)
+            if info is None:
+                self._unfiled.add(path)
+                self.info_reader.request(path)  # filed when the file has been read
+                return
+            if info.model is None:
+                return  # not a checkpoint: nothing to remember
+            model = info.model
+        items = [path] + [p for p in self._recent(model) if p != path]
+        self._settings.setValue(f"{_RECENT_KEY}/{model}", items[:MAX_RECENT_CHECKPOINTS])
+
+    def _file_legacy_recent(self) -> None:
+        """Checkpoints remembered before lists were kept per model are read and filed."""
+        if self._settings is None:
+            return
+        if not self._settings.contains(_LEGACY_RECENT_KEY):
+            return
+        legacy = [p for p in _str_list(self._settings.value(_LEGACY_RECENT_KEY, [])) if Path(p).is_file()]
+        self._settings.remove(_LEGACY_RECENT_KEY)
+        for p in legacy:
+            self.add_recent_checkpoint(p)
 
     def _remember_checkpoint(self, *_: object) -> None:
         # Any selection not made by the refresh itself is the user's (or a caller's) choice
@@ -203,22 +266,26 @@ class ModelsPanel(QWidget):
             self._fill_checkpoints()
         finally:
             self._refreshing = False
+        self._sync_preset()
 
     def _fill_checkpoints(self) -> None:
-        """The list for the current model: initial weights, its demo checkpoint, recent files;
-        selected: the model's last choice, else its demo checkpoint, else initial weights."""
+        """The list for the current model: initial weights, its demo checkpoint, its recent
+        files; selected: the model's last choice, else its demo checkpoint, else initial
+        weights."""
         model = self.model_combo.currentText()
         self.checkpoint_combo.clear()
         self.checkpoint_combo.addItem(NO_CHECKPOINT, None)
         bundled = bundled_checkpoint(model)
         if bundled:
             self.checkpoint_combo.addItem(f"demo: {Path(bundled).name}", bundled)
-        for p in self._recent():
+        for p in self._recent(model):
             if p != bundled:
                 self.checkpoint_combo.addItem(Path(p).name, p)
+        want = self._chosen.get(model, bundled)
+        if want and self.checkpoint_combo.findData(want) < 0 and Path(want).is_file():
+            self.checkpoint_combo.addItem(Path(want).name, want)  # chosen on purpose, kept
         for i in range(self.checkpoint_combo.count()):
             self.checkpoint_combo.setItemData(i, self.checkpoint_combo.itemData(i) or "", Qt.ItemDataRole.ToolTipRole)
-        want = self._chosen.get(model, bundled)
         idx = self.checkpoint_combo.findData(want) if want else 0
         self.checkpoint_combo.setCurrentIndex(max(idx, 0))
 
@@ -229,6 +296,8 @@ class ModelsPanel(QWidget):
             idx = self.checkpoint_combo.findData(str(path))
             if idx < 0:
                 self.checkpoint_combo.addItem(Path(path).name, str(path))
+                self.checkpoint_combo.setItemData(self.checkpoint_combo.count() - 1, str(path),
+                                                  Qt.ItemDataRole.ToolTipRole)
                 idx = self.checkpoint_combo.count() - 1
             self.checkpoint_combo.setCurrentIndex(idx)
         else:
@@ -237,6 +306,11 @@ class ModelsPanel(QWidget):
     def checkpoint(self) -> str | None:
         data = self.checkpoint_combo.currentData()
         return str(data) if data else None
+
+    def checkpoint_info(self) -> CheckpointInfo | None:
+        """What the chosen checkpoint holds, once read (None: initial weights or not yet read)."""
+        path = self.checkpoint()
+        return self.info_reader.cached(path) if path else None
 
     def browse_checkpoint(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Choose a checkpoint", "", "Checkpoints (*.pt *.pth);;All files (*)")
@@ -248,26 +322,93 @@ class ModelsPanel(QWidget):
         if idx >= 0:
             self.model_combo.setCurrentIndex(idx)
 
+    # -- the preset follows the checkpoint ---------------------------------------------------
+    def _remember_preset(self, text: str) -> None:
+        if not self._syncing_preset:
+            self._user_preset = text
+
+    def _show_preset(self, preset: str) -> None:
+        self._syncing_preset = True
+        try:
+            if self.preset_combo.findText(preset) < 0:
+                self.preset_combo.addItem(preset)  # a preset this version does not list
+            self.preset_combo.setCurrentText(preset)
+        finally:
+            self._syncing_preset = False
+
+    def _sync_preset(self, *_: object) -> None:
+        """With a checkpoint the preset box shows the checkpoint's preset and is locked (the
+        checkpoint decides the sizes); with initial weights it is the user's choice."""
+        if self._refreshing:
+            return  # the list is being rebuilt: once, at its end
+        path = self.checkpoint()
+        if not path:
+            self._show_preset(self._user_preset)
+            self.preset_combo.setEnabled(True)
+            self.preset_combo.setToolTip(PRESET_TIP)
+            self._set_note("Initial weights: untrained, the prediction means nothing yet", error=False)
+            return
+        self.preset_combo.setEnabled(False)
+        info = self.info_reader.request(path)
+        if info is None:
+            self.preset_combo.setToolTip(f"Reading {Path(path).name}…")
+            self._set_note(f"Reading {Path(path).name}…", error=False)
+            return
+        self._apply_info(info)
+
+    def _apply_info(self, info: CheckpointInfo) -> None:
+        if info.error:
+            self.preset_combo.setToolTip(f"{info.name} cannot be used: {info.error}")
+            self._set_note(info.error, error=True)
+            return
+        self._show_preset(info.preset or "")
+        self.preset_combo.setToolTip(
+            f"Set by {info.name}: {info.describe()}. Choose {NO_CHECKPOINT} to pick a preset.")
+        mismatch = info.mismatch(self.model_combo.currentText())
+        self._set_note(mismatch or info.describe(), error=bool(mismatch))
+
+    def _set_note(self, text: str, error: bool) -> None:
+        self.checkpoint_note.setText(text)
+        self.checkpoint_note.setStyleSheet("color: #b00020;" if error else "color: #555;")
+
+    def _on_info(self, info: CheckpointInfo) -> None:
+        if info.path in self._unfiled:
+            self._unfiled.discard(info.path)
+            if info.model:
+                self.add_recent_checkpoint(info.path, info.model)
+                if info.model == self.model_combo.currentText() and self.checkpoint_combo.findData(info.path) < 0:
+                    self._refresh_checkpoints()
+        if info.path == self.checkpoint():
+            self._apply_info(info)
+
     # -- running ---------------------------------------------------------------------------
     def request(self) -> RunRequest:
-        return RunRequest(self.model_combo.currentText(), self.preset_combo.currentText(),
-                          self.checkpoint(), self.scope_combo.currentText())
+        info = self.checkpoint_info()
+        preset = info.preset if info is not None and info.preset else self.preset_combo.currentText()
+        return RunRequest(self.model_combo.currentText(), preset, self.checkpoint(),
+                          self.scope_combo.currentText())
 
     def _request_run(self) -> None:
         self.run_requested.emit(self.request())
 
-    def set_running(self, running: bool) -> None:
+    def set_running(self, running: bool, started: float | None = None) -> None:
+        """Show a run going (its clock from ``started``, default now) or stopped."""
         self.run_button.setEnabled(not running)
         self.cancel_button.setEnabled(running)
         if running:
-            self._started = time.monotonic()
+            self._started = time.monotonic() if started is None else started
             self.error_label.hide()
             self.progress.setRange(0, 0)  # busy until the first progress event
             self.stage_label.setText("Starting…")
             self._timer.start()
+            self._tick()
         else:
             self._timer.stop()
-            self._tick()
+            self.elapsed_label.setText("")
+
+    def elapsed(self) -> float:
+        """Seconds since the run shown began (the clock of "Elapsed" and "Done in")."""
+        return time.monotonic() - self._started if self._started else 0.0
 
     def set_progress(self, done: int, total: int, stage: str) -> None:
         if total > 0:
@@ -276,15 +417,27 @@ class ModelsPanel(QWidget):
         self.stage_label.setText(stage or f"{done} / {total}")
 
     def _tick(self) -> None:
-        if self._started:
-            self.elapsed_label.setText(f"Elapsed {time.monotonic() - self._started:.1f} s")
+        if self._timer.isActive():
+            self.elapsed_label.setText(f"Elapsed {self.elapsed():.1f} s")
 
     def set_finished(self, classes: list[str], probs: list[float], note: str = "Done") -> None:
         self.set_running(False)
-        self.progress.setRange(0, 1)
-        self.progress.setValue(1)
-        self.stage_label.setText(note)
+        self.show_status(RunStatus(note, done=True))
         self.show_prediction(classes, probs)
+
+    def show_status(self, status: RunStatus | None, cancel_enabled: bool = False) -> None:
+        """Show a finished, failed or cancelled run's status, or "Ready" (None) when the trace
+        shown has no run behind it; the Run button is free."""
+        status = status or RunStatus()
+        self._timer.stop()
+        self.elapsed_label.setText("")
+        self.run_button.setEnabled(True)
+        self.cancel_button.setEnabled(cancel_enabled)
+        self.progress.setRange(0, 1)
+        self.progress.setValue(1 if status.done else 0)
+        self.stage_label.setText(status.stage)
+        self.error_label.setText(status.error)
+        self.error_label.setVisible(bool(status.error))
 
     def show_prediction(self, classes: list[str], probs: list[float]) -> None:
         self.prediction.setRowCount(len(classes))
@@ -301,17 +454,11 @@ class ModelsPanel(QWidget):
 
     def set_cancelled(self) -> None:
         self.set_running(False)
-        self.progress.setRange(0, 1)
-        self.progress.setValue(0)
-        self.stage_label.setText("Cancelled")
+        self.show_status(RunStatus("Cancelled"))
 
     def set_error(self, message: str) -> None:
         self.set_running(False)
-        self.progress.setRange(0, 1)
-        self.progress.setValue(0)
-        self.stage_label.setText("Failed")
-        self.error_label.setText(message)
-        self.error_label.show()
+        self.show_status(RunStatus("Failed", message))
 
     # -- map chooser and comparison (filled by the inference controller) -------------------
     def set_maps(self, names: list[str], current: int = -1) -> None:
@@ -322,13 +469,40 @@ class ModelsPanel(QWidget):
         self.map_combo.setEnabled(bool(names))
         self.map_combo.blockSignals(False)
 
-    def set_compare_choices(self, models: list[str], current: str = "") -> None:
+    def set_compare_choices(self, items: list, current: str = "") -> None:
+        """``items``: names, or (label, id) pairs, of the traces that can be shown alongside."""
         self.compare_combo.blockSignals(True)
         self.compare_combo.clear()
         self.compare_combo.addItem("(none)", "")
-        for m in models:
-            self.compare_combo.addItem(m, m)
+        for item in items:
+            label, ident = item if isinstance(item, tuple) else (item, item)
+            self.compare_combo.addItem(label, ident)
         idx = self.compare_combo.findData(current) if current else 0
         self.compare_combo.setCurrentIndex(max(idx, 0))
-        self.compare_combo.setEnabled(bool(models))
+        self.compare_combo.setEnabled(bool(items))
         self.compare_combo.blockSignals(False)
+
+    def set_trace_choices(self, names: list[str], current: str = "") -> None:
+        """This model's traces of the open slide, by name; ``current`` is the one shown."""
+        self.trace_combo.blockSignals(True)
+        self.trace_combo.clear()
+        for name in names:
+            self.trace_combo.addItem(name, name)
+        if not names:
+            self.trace_combo.addItem("(none yet)", "")
+        idx = self.trace_combo.findData(current) if current else -1
+        self.trace_combo.setCurrentIndex(max(idx, 0))
+        self.trace_combo.setEnabled(bool(names))
+        self.trace_combo.blockSignals(False)
+
+
+def _str_list(value) -> list[str]:
+    # QSettings gives a bare str for a one-item list in INI files, None when unset.
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value] if value else []
+    try:
+        return [str(v) for v in value if v]
+    except TypeError:
+        return []

@@ -1,6 +1,9 @@
-"""Persistent viewer settings: recent files and the window layout (QSettings)."""
+"""Persistent viewer settings: recent files, the window layout and each slide's display
+adjustment (QSettings)."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -13,6 +16,7 @@ MAX_RECENT = 10
 _RECENT_KEY = "recent/files"
 _GEOMETRY_KEY = "window/geometry"
 _STATE_KEY = "window/state"
+_DISPLAY_GROUP = "display"  # + "/<hash of the slide's resolved path>"
 
 
 def default_settings() -> QSettings:
@@ -61,6 +65,34 @@ class AppSettings:
         self.qsettings.setValue(_GEOMETRY_KEY, geometry)
         self.qsettings.setValue(_STATE_KEY, state)
         self.qsettings.sync()
+
+    # -- display adjustment, per slide ---------------------------------------------------
+    def display_adjust(self, path: str | os.PathLike) -> dict | None:
+        """The brightness/contrast/gamma stored for the slide at ``path`` (a plain dict), or
+        None when it has none."""
+        raw = self.qsettings.value(_display_key(path))
+        if not isinstance(raw, str) or not raw:
+            return None
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            return None
+        return data if isinstance(data, dict) else None
+
+    def set_display_adjust(self, path: str | os.PathLike, values: dict | None) -> None:
+        """Remember ``values`` for the slide at ``path``; None forgets them (the defaults)."""
+        key = _display_key(path)
+        if values is None:
+            self.qsettings.remove(key)
+        else:
+            self.qsettings.setValue(key, json.dumps(values, sort_keys=True))
+        self.qsettings.sync()
+
+
+def _display_key(path: str | os.PathLike) -> str:
+    # Paths hold '/' and characters INI keys mangle; a digest of the resolved path is stable.
+    full = str(Path(path).resolve())
+    return f"{_DISPLAY_GROUP}/{hashlib.sha1(full.encode('utf-8')).hexdigest()[:20]}"
 
 
 def _as_str_list(value) -> list[str]:

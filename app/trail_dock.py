@@ -63,7 +63,8 @@ class TrailPlot(QWidget):
         self._redraw()
 
     def clear(self) -> None:
-        self.set_steps([])
+        """No trace: no curve, no marker, and no class named on the axis."""
+        self.set_steps([], 1, "positive")
         self.highlight(None)
 
     def values(self) -> tuple[list[int], list[float]]:
@@ -78,6 +79,8 @@ class TrailPlot(QWidget):
         self.points.setData(xs, ys, brush=brushes, data=[s.index for s in self.steps])
         if xs:
             self.plot.setXRange(min(xs) - 0.5, max(xs) + 0.5, padding=0)
+        else:
+            self.plot.setXRange(0.5, 1.5, padding=0)  # no steps of an earlier trace's range
 
     def highlight(self, index: int | None) -> None:
         xs, ys = self.values()

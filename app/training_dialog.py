@@ -1,13 +1,22 @@
 """The training dialog: pick a manifest and a model, train or fine-tune on the engine thread,
-watch loss and AUROC curves, pause, stop, and open the best checkpoint in the viewer."""
+watch loss and AUROC curves, pause, stop, and open the best checkpoint in the viewer.
+
+Checking a manifest opens every slide it lists, and the first check also imports torch (for
+the Device box and the trainer): both run on a background worker, never on the GUI thread.
+While a check runs the dialog says so and Start stays disabled; a newer check (another
+manifest or seed) supersedes an older one. An output folder held by a running training run
+(its ``.maglens-train.lock``) is refused before Start, and the dialog's own run holds that
+lock so that no other run can write into its folder.
+"""
 from __future__ import annotations
 
 import math
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyqtgraph as pg
-from PySide6.QtCore import Qt, Signal
+from PySide6.QtCore import QObject, Qt, QTimer, Signal
 from PySide6.QtWidgets import (
     QCheckBox, QComboBox, QDialog, QDoubleSpinBox, QFileDialog, QFormLayout, QGridLayout,
     QHBoxLayout, QHeaderView, QLabel, QLineEdit, QPlainTextEdit, QProgressBar, QPushButton,
@@ -16,14 +25,76 @@ from PySide6.QtWidgets import (
 
 from app.engine import EngineThread
 from engines import registry
-from engines.data import ManifestError, read_manifest
+from engines.data import CheckCancelled, Dataset, ManifestError, read_manifest
+from engines.runlock import lock_holder
+from viewer.workers import WorkerPool
+
+BASE_DEVICES = [("Auto (GPU if available)", "auto"), ("CPU", "cpu")]
+LOCK_POLL_MS = 2000  # how often a refused output folder is looked at again
+CHECK_SHUTDOWN_MS = 2000  # how long closing waits for a manifest check between two slides
 
 
 def device_choices() -> list[tuple[str, str]]:
-    """(label, TrainConfig.device) for the Device box: Auto, CPU, then each GPU torch sees."""
+    """(label, TrainConfig.device) for the Device box: Auto, CPU, then each GPU torch sees.
+    Imports torch: call it off the GUI thread."""
     from engines.devices import cuda_device_choices
 
-    return [("Auto (GPU if available)", "auto"), ("CPU", "cpu"), *cuda_device_choices()]
+    return [*BASE_DEVICES, *cuda_device_choices()]
+
+
+@dataclass
+class ManifestCheck:
+    """What a background check found: the dataset, or the problems that stop a run."""
+
+    path: str
+    dataset: Dataset | None = None
+    problems: list[str] = field(default_factory=list)
+    devices: list[tuple[str, str]] = field(default_factory=lambda: list(BASE_DEVICES))
+
+
+def check_manifest(path: str, seed: int, cancel: threading.Event | None = None) -> ManifestCheck:
+    """Runs on the check worker: imports torch and the trainer (so nothing on the GUI thread
+    has to), lists the devices and reads the manifest, opening every slide."""
+    result = ManifestCheck(path)
+    try:
+        result.devices = device_choices()
+        import engines.train  # noqa: F401 - warm: Start and the run's events import it later
+    except Exception as exc:  # noqa: BLE001 - a broken torch must not take the check down
+        result.problems.append(f"torch cannot be loaded: {type(exc).__name__}: {exc}")
+        return result
+    if not path:
+        return result
+    try:
+        result.dataset = read_manifest(path, seed=seed, cancel=cancel)
+    except ManifestError as exc:
+        result.problems = list(exc.problems)
+    return result
+
+
+class _CheckSignals(QObject):
+    """Emits from the check worker. It has no parent and each queued check holds it, so a
+    check that outlives the dialog emits into nothing instead of into a deleted object."""
+
+    finished = Signal(int, object)  # token, ManifestCheck
+
+    def deliver(self, token: int, result: ManifestCheck) -> None:
+        try:
+            self.finished.emit(token, result)
+        except RuntimeError:  # the dialog is gone
+            pass
+
+
+def _run_check(signals: _CheckSignals, token: int, path: str, seed: int,
+               cancel: threading.Event) -> None:
+    try:
+        result = check_manifest(path, seed, cancel)
+    except CheckCancelled:
+        return  # a newer check replaced this one
+    except Exception as exc:  # noqa: BLE001 - reported in the dialog, never lost
+        result = ManifestCheck(path, problems=[f"the manifest could not be checked: "
+                                               f"{type(exc).__name__}: {exc}"])
+    if not cancel.is_set():
+        signals.deliver(token, result)
 
 
 def _fmt_eta(seconds: float | None) -> str:
@@ -36,6 +107,7 @@ def _fmt_eta(seconds: float | None) -> str:
 
 class TrainingDialog(QDialog):
     open_checkpoint = Signal(str, str)  # model name, checkpoint path
+    manifest_checked = Signal(bool)  # the latest manifest check ended: usable or not
 
     def __init__(self, parent: QWidget | None = None, engine: EngineThread | None = None) -> None:
         super().__init__(parent)
@@ -51,11 +123,24 @@ class TrainingDialog(QDialog):
         self.result = None
         self.last_error: str | None = None
         self._history: list[dict[str, float]] = []
+        self._training = False
+        # Manifest checks: the token names the check whose result counts. Two workers, so a
+        # newer check need not wait for a superseded one stuck opening a slow slide.
+        self._checks = WorkerPool("manifest-check", 2)
+        self._check_signals = _CheckSignals()
+        self._check_signals.finished.connect(self._on_checked, Qt.ConnectionType.QueuedConnection)
+        self._check_token = 0
+        self._requested: tuple[str, int] | None = None  # (path, seed) of the latest check
+        self._check_cancel: threading.Event | None = None
+        self.checking = False
+        self.checked: ManifestCheck | None = None
+        self.prepared = False  # torch imported and the Device box filled
+        self.out_holder: str | None = None  # who holds the output folder, when another run does
 
         # -- settings ------------------------------------------------------------------------
         self.manifest_edit = QLineEdit()
         self.manifest_edit.setPlaceholderText("manifest.csv (slide,label[,split])")
-        self.manifest_edit.editingFinished.connect(lambda: self.load_manifest(self.manifest_edit.text()))
+        self.manifest_edit.editingFinished.connect(self._manifest_edited)
         browse = QPushButton("Browse…")
         browse.clicked.connect(self._browse_manifest)
         mrow = QHBoxLayout()
@@ -78,7 +163,16 @@ class TrainingDialog(QDialog):
         self.accum.setSpecialValueText("model default")
         self.seed = QSpinBox()
         self.seed.setRange(0, 2**31 - 1)
+        self.seed.valueChanged.connect(self._seed_changed)  # the split drawn depends on it
         self.out_edit = QLineEdit(str(Path.cwd() / "runs" / "train"))
+        self.out_edit.textChanged.connect(self._check_out)
+        self.out_note = QLabel()
+        self.out_note.setWordWrap(True)
+        self.out_note.setStyleSheet("color: #b00020")
+        self.out_note.hide()
+        self._lock_timer = QTimer(self)
+        self._lock_timer.setInterval(LOCK_POLL_MS)
+        self._lock_timer.timeout.connect(self._check_out)
         out_browse = QPushButton("…")
         out_browse.clicked.connect(self._browse_out)
         orow = QHBoxLayout()
@@ -93,7 +187,7 @@ class TrainingDialog(QDialog):
         irow.addWidget(init_browse)
         self.device_combo = QComboBox()
         self.device_combo.setToolTip("Auto trains on the GPU when torch sees one, else on the CPU")
-        for label, spec in device_choices():
+        for label, spec in BASE_DEVICES:  # the GPUs join when the first check has loaded torch
             self.device_combo.addItem(label, spec)
         self.freeze = QCheckBox("Freeze backbone when fine-tuning")
         self.resume = QCheckBox("Resume the run in the output folder")
@@ -108,6 +202,7 @@ class TrainingDialog(QDialog):
         form.addRow("Seed", self.seed)
         form.addRow("Device", self.device_combo)
         form.addRow("Output folder", orow)
+        form.addRow(self.out_note)
         form.addRow("Fine-tune from", irow)
         form.addRow(self.freeze)
         form.addRow(self.resume)
@@ -173,6 +268,8 @@ class TrainingDialog(QDialog):
         layout.addWidget(self.progress)
         layout.addWidget(self.status_label)
         layout.addLayout(brow)
+        self._check_out()
+        self.load_manifest("")  # loads torch and lists the devices in the background
 
     # -- manifest ----------------------------------------------------------------------------
     def _browse_manifest(self) -> None:
@@ -191,19 +288,60 @@ class TrainingDialog(QDialog):
         if path:
             self.init_edit.setText(path)
 
-    def load_manifest(self, path: str) -> bool:
-        """Fill the preview table; problems are listed row by row in the log."""
+    def load_manifest(self, path: str) -> int:
+        """Check ``path`` in the background (it opens every slide); the preview and the Start
+        button follow when ``manifest_checked`` fires. Returns the check's token; a later
+        call supersedes this one."""
+        self._check_token += 1
+        token = self._check_token
+        self._requested = (path, self.seed.value())
+        if self._check_cancel is not None:
+            self._check_cancel.set()  # the older check stops at its next slide
+        self._checks.clear()
+        cancel = threading.Event()
+        self._check_cancel = cancel
         self.preview.setRowCount(0)
-        if not path:
-            return False
-        try:
-            data = read_manifest(path, seed=self.seed.value())
-        except ManifestError as exc:
-            self.counts_label.setText(f"{len(exc.problems)} problem(s) in the manifest — see the log")
-            for p in exc.problems:
-                self._log(p)
-            self.start_button.setEnabled(False)
-            return False
+        self.checked = None
+        self.checking = bool(path)
+        if path:
+            self.counts_label.setText("Checking the manifest… (opening every slide)")
+        else:
+            self.counts_label.setText("No manifest loaded")
+        signals, seed = self._check_signals, self.seed.value()
+        self._checks.start(lambda: _run_check(signals, token, path, seed, cancel))
+        self._update_start()
+        return token
+
+    def _manifest_edited(self) -> None:
+        # editingFinished also fires on every focus change: check only what changed.
+        if (self.manifest_edit.text(), self.seed.value()) != self._requested:
+            self.load_manifest(self.manifest_edit.text())
+
+    def _seed_changed(self) -> None:
+        if self.manifest_edit.text() and not self._training:
+            self.load_manifest(self.manifest_edit.text())
+
+    def _on_checked(self, token: int, result: ManifestCheck) -> None:
+        self._set_devices(result.devices)
+        if token != self._check_token:
+            return  # superseded by a newer check
+        self.checking = False
+        self.checked = result
+        if result.path:
+            if result.dataset is None:
+                self.counts_label.setText(f"{len(result.problems)} problem(s) in the manifest — see the log")
+                for p in result.problems:
+                    self._log(p)
+            else:
+                self._show_dataset(result.dataset)
+        elif result.problems:  # torch itself failed to load
+            for p in result.problems:
+                self._log(f"Error: {p}")
+        self._update_start()
+        if result.path:
+            self.manifest_checked.emit(result.dataset is not None)
+
+    def _show_dataset(self, data: Dataset) -> None:
         self.preview.setRowCount(len(data.samples))
         for i, s in enumerate(data.samples):
             for j, v in enumerate((s.path.name, s.label, s.split)):
@@ -212,8 +350,47 @@ class TrainingDialog(QDialog):
         self.counts_label.setText("   ".join(
             f"{split}: " + ", ".join(f"{n} {c}" for c, n in per.items())
             for split, per in sorted(counts.items())))
-        self.start_button.setEnabled(True)
-        return True
+        for w in data.warnings:
+            self._log(f"warning: {w}")
+
+    def _set_devices(self, devices: list[tuple[str, str]]) -> None:
+        self.prepared = True
+        box = self.device_combo
+        if [(box.itemText(i), box.itemData(i)) for i in range(box.count())] == devices:
+            return
+        current = box.currentData()
+        box.clear()
+        for label, spec in devices:
+            box.addItem(label, spec)
+        box.setCurrentIndex(max(0, box.findData(current)))
+
+    def manifest_ready(self) -> bool:
+        """The manifest in the box has been checked and can be trained on."""
+        c = self.checked
+        return (not self.checking and c is not None and c.dataset is not None
+                and c.path == self.manifest_edit.text())
+
+    # -- output folder -----------------------------------------------------------------------
+    def _check_out(self) -> None:
+        """Refuse an output folder that a running training run holds (its lock file)."""
+        if self._training:
+            return  # this dialog's own run holds it
+        out = self.out_edit.text().strip()
+        holder = lock_holder(out) if out else None
+        self.out_holder = holder
+        if holder is None:
+            self.out_note.hide()
+            self._lock_timer.stop()
+        else:
+            self.out_note.setText(f"The output folder is in use by another training run ({holder}); "
+                                  "wait for it to finish or choose another folder.")
+            self.out_note.show()
+            self._lock_timer.start()
+        self._update_start()
+
+    def _update_start(self) -> None:
+        ok = not self._training and self.out_holder is None and self.manifest_ready()
+        self.start_button.setEnabled(ok)
 
     # -- running -----------------------------------------------------------------------------
     def config(self):
@@ -228,10 +405,15 @@ class TrainingDialog(QDialog):
 
     def start(self) -> int | None:
         from engines.devices import resolve_device
+        from engines.runlock import RunLock
         from engines.train import TrainControl, train
 
-        if not self.load_manifest(self.manifest_edit.text()):
-            self._log("Choose a valid manifest first.")
+        if not self.manifest_ready():
+            self._log("Choose a valid manifest first (and wait for its check to finish).")
+            return None
+        self._check_out()
+        if self.out_holder is not None:
+            self._log(f"Error: {self.out_note.text()}")
             return None
         cfg = self.config()
         try:  # a GPU chosen but gone: say so now rather than fail on the engine thread
@@ -248,8 +430,10 @@ class TrainingDialog(QDialog):
         self.last_error = None
 
         def job(emit, cancel: threading.Event):
-            # Stop and close go through `control`, which leaves a resumable checkpoint.
-            return train(cfg, on_event=emit, control=control)
+            # Stop and close go through `control`, which leaves a resumable checkpoint. The
+            # lock keeps other runs (CLI or another dialog) out of the folder meanwhile.
+            with RunLock(cfg.out):
+                return train(cfg, on_event=emit, control=control)
 
         self.run_id = self.engine.submit(job)
         self._running(True)
@@ -274,7 +458,10 @@ class TrainingDialog(QDialog):
             self.pause_button.setText("Pause")
 
     def _running(self, on: bool) -> None:
-        self.start_button.setEnabled(not on)
+        self._training = on
+        if not on:
+            self._check_out()  # this run's lock is gone; another run may hold the folder now
+        self._update_start()
         self.pause_button.setEnabled(on)
         self.stop_button.setEnabled(on)
         if not on:
@@ -343,4 +530,8 @@ class TrainingDialog(QDialog):
     def shutdown(self) -> None:
         if self.control is not None:
             self.control.cancel()
+        if self._check_cancel is not None:
+            self._check_cancel.set()
+        self._lock_timer.stop()
+        self._checks.shutdown(timeout_ms=CHECK_SHUTDOWN_MS)
         self.engine.shutdown(timeout_ms=30_000)

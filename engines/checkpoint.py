@@ -7,9 +7,11 @@ Keys: ``format``, ``model``, ``preset``, ``config`` (the model config as a dict)
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
+import logging
 import os
 import pickle
 import warnings
@@ -25,6 +27,14 @@ from engines.trace import write_atomic
 
 CHECKPOINT_FORMAT = 1
 REQUIRED_KEYS = ("format", "model", "preset", "config", "classes", "state_dict")
+# Everything else the contract allows at the top level; any other key is refused, so a file
+# cannot carry bulk data MagLens never looks at.
+OPTIONAL_KEYS = ("train", "optimizer", "scheduler", "extra")
+
+# Caps checked before torch.load allocates anything. A paper-preset MagNet with its Adam state
+# is about 0.6 GB; these leave room for several times that.
+MAX_CHECKPOINT_BYTES = 4 << 30  # the file, and the sum of its zip members once unpacked
+MAX_ZIP_MEMBERS = 200_000
 
 
 class CheckpointError(Exception):
@@ -124,6 +134,10 @@ def _read_bytes(path: Path) -> bytes:
     if path.is_dir():
         raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
     try:
+        size = path.stat().st_size
+        if size > MAX_CHECKPOINT_BYTES:
+            raise CheckpointError(f"{path.name}: refused: {_gib(size)} is more than a checkpoint "
+                                  f"may hold ({_gib(MAX_CHECKPOINT_BYTES)})")
         data = path.read_bytes()
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot be read ({exc.strerror or exc})") from None
@@ -132,10 +146,37 @@ def _read_bytes(path: Path) -> bytes:
     return data
 
 
+def _gib(n: int) -> str:
+    return f"{n / (1 << 30):.1f} GiB"
+
+
+def _check_archive(name: str, data: bytes) -> None:
+    """Refuse an archive whose members would unpack to more than the cap, from the sizes its
+    central directory declares (read without unpacking anything)."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            infos = zf.infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError) as exc:
+        raise CheckpointError(f"{name}: damaged or not a PyTorch checkpoint ({_first_line(exc)})") from None
+    if len(infos) > MAX_ZIP_MEMBERS:
+        raise CheckpointError(f"{name}: refused: it holds {len(infos)} records, more than a checkpoint "
+                              f"may ({MAX_ZIP_MEMBERS})")
+    total = sum(max(0, i.file_size) for i in infos)
+    if total > MAX_CHECKPOINT_BYTES:
+        raise CheckpointError(f"{name}: refused: its tensors would take {_gib(total)} in memory, more "
+                              f"than a checkpoint may hold ({_gib(MAX_CHECKPOINT_BYTES)})")
+
+
 def _load_bytes(name: str, data: bytes) -> Any:
-    # torch.save writes a zip archive (current) or a bare pickle (legacy, protocol 2+).
-    if not (data.startswith(b"PK\x03\x04") or data[:1] == b"\x80"):
+    # torch.save writes a zip archive. Its legacy format (a bare pickle, "\x80") is refused:
+    # it declares tensor sizes inside the pickle, so nothing can be checked before torch
+    # allocates them, and MagLens never wrote it.
+    if data[:1] == b"\x80":
+        raise CheckpointError(f"{name}: refused: written in PyTorch's legacy format, which MagLens "
+                              "does not read (save it again with a current torch.save)")
+    if not data.startswith(b"PK\x03\x04"):
         raise CheckpointError(f"{name}: not a PyTorch checkpoint (unknown file type)")
+    _check_archive(name, data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # protocol notices are noise for the user
@@ -148,7 +189,8 @@ def _load_bytes(name: str, data: bytes) -> Any:
             ) from None
         raise CheckpointError(f"{name}: not a PyTorch checkpoint ({_first_line(exc)})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError,
-            IndexError, TypeError, AttributeError, UnicodeDecodeError) as exc:
+            IndexError, TypeError, AttributeError, UnicodeDecodeError, MemoryError,
+            OverflowError, RecursionError) as exc:
         # Truncated zips, foreign files and corrupt records surface as any of these.
         raise CheckpointError(f"{name}: damaged or not a PyTorch checkpoint ({_first_line(exc)})") from None
 
@@ -171,6 +213,10 @@ def _validate(name: str, ckpt: Any) -> dict[str, Any]:
                 f"{name}: holds bare weights, not a MagLens checkpoint (no model name or config)"
             )
         raise CheckpointError(f"{name}: not a MagLens checkpoint (missing {', '.join(missing)})")
+    unknown = [str(k) for k in ckpt if k not in REQUIRED_KEYS + OPTIONAL_KEYS]
+    if unknown:
+        raise CheckpointError(f"{name}: refused: not a MagLens checkpoint (unknown key(s) "
+                              f"{', '.join(sorted(unknown))[:120]})")
     fmt = ckpt["format"]
     if not isinstance(fmt, int) or isinstance(fmt, bool):
         raise CheckpointError(f"{name}: not a MagLens checkpoint (format {fmt!r})")
@@ -189,7 +235,16 @@ def _validate(name: str, ckpt: Any) -> dict[str, Any]:
     sd = ckpt["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{name}: state_dict is not a dict of tensors")
+    _check_finite(name, ckpt)
     return ckpt
+
+
+def _check_finite(name: str, ckpt: Mapping[str, Any]) -> None:
+    # NaN or infinite weights make every prediction NaN; say so at load, naming the tensor.
+    for where, t in iter_tensors({k: ckpt[k] for k in ("state_dict", "optimizer") if k in ckpt}):
+        if (t.is_floating_point() or t.is_complex()) and t.numel() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{name}: holds non-finite weights (NaN or infinity) in "
+                                  f"{where.removeprefix('ckpt.')[:120]}; it cannot be used")
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -251,24 +306,67 @@ def model_from_checkpoint(path_or_dict: str | os.PathLike | Mapping[str, Any],
             f"{label} is for model {name!r}, which this MagLens does not have "
             f"(it has {', '.join(registry.list_models())})"
         )
+    from engines.checkpoint_bounds import ConfigBoundsError, check_config
+
+    classes = list(ckpt["classes"])
     try:
         known = registry.presets(name)
         base_preset = preset if preset in known else known[0]
         config = _rebuild_config_values(name, base_preset, ckpt["config"])
-        model = registry.create(name, base_preset, classes=list(ckpt["classes"]), **config)
+        check_config(registry.config_for(name, base_preset), config)
+        # Build once on the meta device (no memory) and fit the weights there, so a config
+        # that does not match them is refused before anything real is allocated.
+        shadow = _build_on_meta(name, base_preset, classes, config)
+        if shadow is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "copying to a meta parameter is a no-op": the point
+                _fit_weights(label, name, preset, shadow, ckpt)
+        with _quiet_backbones():  # the checkpoint's weights replace any initial ones
+            model = registry.create(name, base_preset, classes=classes, **config)
+    except ConfigBoundsError as exc:
+        raise CheckpointError(f"{label}: refused: its {name} config {exc}") from None
     except registry.UnknownModelError as exc:
         raise CheckpointError(f"{label}: does not fit this version of {name!r} ({exc})") from None
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError, NotImplementedError, MemoryError, RuntimeError) as exc:
+        # RuntimeError: torch's own refusals (an allocation it cannot make, a bad layer size)
         raise CheckpointError(f"{label}: its {name} config cannot be used ({_first_line(exc)})") from None
     model.preset = preset
+    _fit_weights(label, name, preset, model, ckpt)
+    model.checkpoint_sha256 = sha
+    return model
+
+
+def _build_on_meta(name: str, preset: str, classes: list[str], config: dict[str, Any]):
+    """The model built with no memory behind its tensors, or None when this model cannot be
+    built that way (the real build then reports any fault in its config)."""
+    try:
+        with torch.device("meta"), _quiet_backbones(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return registry.create(name, preset, classes=classes, **config)
+    except Exception:  # noqa: BLE001 - only a pre-check; the real build follows
+        return None
+
+
+def _fit_weights(label: str, name: str, preset: str, model: torch.nn.Module,
+                 ckpt: Mapping[str, Any]) -> None:
     try:
         model.load_state_dict(ckpt["state_dict"], strict=True)
     except RuntimeError as exc:
         raise CheckpointError(
             f"{label}: weights do not fit model {name!r} (preset {preset!r}): {_state_mismatch(exc)}"
         ) from None
-    model.checkpoint_sha256 = sha
-    return model
+
+
+@contextlib.contextmanager
+def _quiet_backbones():
+    # "starts from random weights" is untrue for a model whose weights come from a checkpoint.
+    log = logging.getLogger("engines.models.backbones")
+    old = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(old)
 
 
 def _state_mismatch(exc: RuntimeError) -> str:

@@ -2,8 +2,8 @@
 
 The same function serves the viewer's engine thread, ``maglens infer`` and the benchmarks.
 Events stream to ``on_event`` as the model produces them; a cancel request is honoured at the
-next event and at the next forward call of any of the model's modules, so a model that emits
-Progress regularly stops within a second.
+next event, at the next forward call of any of the model's modules and between the pieces
+of every slide read, so a model stops within a second even while it decodes a whole slide.
 """
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ def run(
             classes=list(model.classes),
             roi=rect,
         )
-        view = SlideView(sl, rect)
+        view = SlideView(sl, rect, check=_read_check(cancel))
         last_total = [1]
         first_shown: list[float] = []
 
@@ -146,6 +146,19 @@ def _checked_probs(raw: object, n_classes: int, model_name: str) -> list[float]:
     if not all(math.isfinite(p) for p in probs):
         raise ValueError(f"{model_name} returned non-finite probabilities {probs}")
     return probs
+
+
+def _read_check(cancel: CancelFlag) -> Callable[[], None] | None:
+    """What slide reads call between pieces: raises Cancelled once ``cancel`` is set, so a
+    model stops even inside one long read (a thumbnail of a single-level slide)."""
+    if cancel is None:
+        return None
+
+    def check() -> None:
+        if is_cancelled(cancel):
+            raise Cancelled("inference cancelled")
+
+    return check
 
 
 @contextmanager

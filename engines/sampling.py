@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engines.slide import BACKGROUND, Rect, Slide
+from engines.slide import BACKGROUND, ReadCheck, Rect, Slide
 
 GREY_TOLERANCE = 15  # MagNet: R, G, B within 15 of each other is background
 
@@ -49,6 +49,7 @@ class SlideView:
         grey_filter: bool = False,
         background: tuple[int, int, int] = BACKGROUND,
         threads: int = 2,
+        check: ReadCheck | None = None,
     ) -> None:
         self.slide = slide
         self.roi: Rect = tuple(map(float, roi)) if roi is not None else (0.0, 0.0, float(slide.width), float(slide.height))
@@ -59,6 +60,10 @@ class SlideView:
         self.background = background
         self._threads = max(1, threads)
         self._thumbs: dict[int, np.ndarray] = {}
+        # Called between the pieces of every read (and before each read); raising stops the
+        # read. The runner sets one that raises Cancelled, so a cancel stops a model even
+        # inside the decode of a whole single-level slide.
+        self.check: ReadCheck | None = check
 
     # -- geometry --------------------------------------------------------------------------
     @property
@@ -83,6 +88,26 @@ class SlideView:
         if base is None and self.slide.mpp:
             base = 10.0 / self.slide.mpp  # 1 um/px ~ 10x, the usual convention
         return None if base is None else base * out_w / rect_w
+
+    def read_cost(self, rect: Rect, out_w: int, out_h: int) -> int:
+        """Slide pixels ``read(rect, out_w, out_h)`` decodes (see ``Slide.read_cost``); only
+        the part inside the slide is read."""
+        o = self.orientation
+        sw, sh = (out_h, out_w) if o.rot90 % 2 else (out_w, out_h)
+        x, y, w, h = self.to_slide_rect(rect)
+        ix0, iy0 = max(x, 0.0), max(y, 0.0)
+        ix1, iy1 = min(x + w, self.slide.width), min(y + h, self.slide.height)
+        if ix1 <= ix0 or iy1 <= iy0 or w <= 0 or h <= 0:
+            return 0
+        inner_w = max(1, round((ix1 - ix0) * sw / w))
+        inner_h = max(1, round((iy1 - iy0) * sh / h))
+        return self.slide.read_cost((ix0, iy0, ix1 - ix0, iy1 - iy0), inner_w, inner_h)
+
+    def check_budget(self, rect: Rect, out_w: int, out_h: int) -> None:
+        """``ReadBudgetError`` when reading ``rect`` at out_w x out_h, even split into several
+        reads, would decode more than the slide read budget (``engines.slide.MAX_READ_PIXELS``)."""
+        self.slide.check_read_budget(self.read_cost(rect, out_w, out_h),
+                                     f"{rect[2]:.0f}x{rect[3]:.0f} level-0 px at {out_w}x{out_h}")
 
     def to_slide_rect(self, rect: Rect) -> Rect:
         """A view rectangle as the level-0 slide rectangle it shows."""
@@ -135,15 +160,18 @@ class SlideView:
         ix1, iy1 = min(x + w, sw), min(y + h, sh)
         if ix1 <= ix0 or iy1 <= iy0:
             return np.full((out_h, out_w, 3), self.background, np.uint8)
+        if self.check is not None:
+            self.check()
         if ix0 == x and iy0 == y and ix1 == x + w and iy1 == y + h:
-            return self.slide.read_rect(rect, out_w, out_h)
+            return self.slide.read_rect(rect, out_w, out_h, self.check)
         # Partly outside: read the inside part and paste it on background.
         out = np.full((out_h, out_w, 3), self.background, np.uint8)
         sx, sy = out_w / w, out_h / h
         px0, py0 = int(round((ix0 - x) * sx)), int(round((iy0 - y) * sy))
         px1, py1 = int(round((ix1 - x) * sx)), int(round((iy1 - y) * sy))
         if px1 > px0 and py1 > py0:
-            out[py0:py1, px0:px1] = self.slide.read_rect((ix0, iy0, ix1 - ix0, iy1 - iy0), px1 - px0, py1 - py0)
+            out[py0:py1, px0:px1] = self.slide.read_rect(
+                (ix0, iy0, ix1 - ix0, iy1 - iy0), px1 - px0, py1 - py0, self.check)
         return out
 
     def read_many(self, rects: Sequence[Rect], out_w: int, out_h: int) -> list[np.ndarray]:

@@ -12,17 +12,24 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import math
 import os
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 from PIL import Image
 
 Rect = tuple[float, float, float, float]
+# Called between the pieces of a large read; whatever it raises (e.g. a cancelled run's
+# exception) stops the read and propagates unchanged.
+ReadCheck = Callable[[], None]
+
+log = logging.getLogger(__name__)
 
 BACKGROUND = (255, 255, 255)
 # Plain images are decoded whole; refuse ones that would not fit comfortably in memory.
@@ -32,10 +39,67 @@ MAX_PLAIN_PIXELS = 1_000_000_000
 MAX_PROXY_PIXELS = 100_000_000
 PLAIN_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 READ_LEVEL_SLACK = 1.02  # see Slide.read_level_for
+DEFAULT_MAX_READ_PIXELS = 4_000_000_000
+
+
+def _pixels_from_env(name: str, default: int) -> int:
+    """A pixel count from the environment ("4e9" and "4000000000" both work); a missing or
+    unusable value gives the default, so a typo cannot switch the limit off."""
+    text = os.environ.get(name, "").strip()
+    try:
+        value = float(text)
+    except ValueError:
+        return default
+    return int(value) if math.isfinite(value) and value >= 1 else default
+
+
+# The most pixels one read may decode (counted at the level it reads, level 0 on slides
+# without a pyramid). A model's overview of a huge single-level slide would otherwise decode
+# for hours; the read is refused with ReadBudgetError instead. Settable here or through
+# MAGLENS_MAX_READ_PIXELS.
+MAX_READ_PIXELS: int = _pixels_from_env("MAGLENS_MAX_READ_PIXELS", DEFAULT_MAX_READ_PIXELS)
+# Large reads are decoded in pieces of at most READ_PIECE x READ_PIECE level pixels, with
+# the caller's check between pieces, so a cancel stops a read within one piece's decode.
+READ_PIECE = 2048
+OFF_GRID_PIECE_PIXELS = 4096 * 4096  # see Slide.read_region
+# Above this many level pixels read_rect no longer holds the whole region: it resamples it
+# band by band, so memory stays bounded on 16k-60k px single-level slides and no single
+# resize outlasts a cancel. Just above (4 x 2048)^2: a 2048 px read from a pyramid whose
+# levels are 4x apart stays one exact read.
+MAX_WHOLE_READ_PIXELS = 70_000_000
+# OpenSlide allocates one whole tile per decode; a file declaring 65536 px tiles made it
+# abort the process on a failed 16 GiB allocation. Tiles above this are refused at open.
+MAX_TILE_PIXELS = 8192 * 8192
+
+# Pillow warns through Python's warnings about damaged or huge files (corrupt EXIF,
+# truncated reads, decompression bombs); the SlideError that follows is the one message a
+# user needs, so these never reach stderr.
+warnings.filterwarnings("ignore", module=r"PIL\.")
 
 
 class SlideError(Exception):
     """A slide could not be opened or read; the message is meant for the user."""
+
+
+class ReadBudgetError(SlideError):
+    """A read (or a slide whose smallest overview) would decode more than MAX_READ_PIXELS."""
+
+
+def read_budget() -> int:
+    """The pixel budget of one read (``MAX_READ_PIXELS``, looked up at call time)."""
+    return int(MAX_READ_PIXELS)
+
+
+def _check_budget(name: str, pixels: float, what: str) -> None:
+    budget = read_budget()
+    if pixels > budget:
+        raise ReadBudgetError(
+            f"{name}: reading {what} would decode {_gigapixels(pixels)}, over the "
+            f"{_gigapixels(budget)} limit (MAGLENS_MAX_READ_PIXELS raises it)")
+
+
+def _gigapixels(n: float) -> str:
+    return f"{n / 1e9:,.4g} gigapixels" if n >= 1e8 else f"{n / 1e6:,.4g} megapixels"
 
 
 @dataclass(frozen=True)
@@ -51,6 +115,11 @@ class Slide:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self._backend = _open_backend(self.path)
+        try:
+            _check_declared_sizes(self.path, self._backend)
+        except SlideError:
+            self._backend.close()
+            raise
         self.levels: list[Level] = self._backend.levels
         self.properties: dict[str, str] = self._backend.properties
         self.vendor: str = self._backend.vendor
@@ -126,47 +195,134 @@ class Slide:
         return self.best_level_for_downsample(max(downsample, 1e-9) * READ_LEVEL_SLACK)
 
     # -- pixels --------------------------------------------------------------------------
-    def read_region(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
-        """HxWx3 uint8 of level ``level``; ``x, y`` in level-0 pixels, ``w, h`` at the level."""
+    def read_region(self, level: int, x: int, y: int, w: int, h: int,
+                    check: ReadCheck | None = None) -> np.ndarray:
+        """HxWx3 uint8 of level ``level``; ``x, y`` in level-0 pixels, ``w, h`` at the level.
+
+        A large region is decoded in pieces with ``check()`` called before each one (it
+        raises to stop); more than ``MAX_READ_PIXELS`` is refused with ``ReadBudgetError``."""
         if not 0 <= level < len(self.levels):
             raise SlideError(f"{self.path.name}: level {level} does not exist")
         if w <= 0 or h <= 0:
             return np.full((max(h, 0), max(w, 0), 3), BACKGROUND, np.uint8)
-        return _guarded(self.path, lambda: self._backend.read(level, int(x), int(y), int(w), int(h)))
+        x, y, w, h = int(x), int(y), int(w), int(h)
+        self.check_read_budget(w * h, f"a {w}x{h} px region of level {level}")
+        if check is not None:
+            check()
+        ds = self.levels[level].downsample
+        piece = READ_PIECE
+        # Pieces give the very pixels of one read where the read starts on the level's pixel
+        # grid (level-0 offsets a multiple of an integer downsample). Off the grid OpenSlide
+        # interpolates, and pieces (read with a margin) differ slightly at the slide's edge:
+        # only regions too large to decode at once are split there. In-memory backends copy.
+        k = int(ds) if float(ds).is_integer() else 0
+        on_grid = k > 0 and x % k == 0 and y % k == 0
+        if (w <= piece and h <= piece) or not getattr(self._backend, "decodes", True) or k == 0 \
+                or (not on_grid and w * h <= OFF_GRID_PIECE_PIXELS):
+            return _guarded(self.path, lambda: self._backend.read(level, x, y, w, h))
+        out = np.empty((h, w, 3), np.uint8)
+        m = 0 if on_grid else 2
+        for py in range(0, h, piece):
+            for px in range(0, w, piece):
+                if check is not None:
+                    check()
+                pw, ph = min(piece, w - px), min(piece, h - py)
+                mx0, my0 = min(m, px), min(m, py)
+                mx1, my1 = min(m, w - px - pw), min(m, h - py - ph)
+                ox, oy = x + (px - mx0) * k, y + (py - my0) * k
+                got = _guarded(self.path, lambda: self._backend.read(
+                    level, ox, oy, pw + mx0 + mx1, ph + my0 + my1))
+                out[py:py + ph, px:px + pw] = got[my0:my0 + ph, mx0:mx0 + pw]
+        return out
 
-    def read_rect(self, rect: Rect, out_w: int, out_h: int) -> np.ndarray:
-        """The level-0 rectangle ``rect`` resampled to ``out_w`` x ``out_h`` pixels."""
+    def check_read_budget(self, pixels: float, what: str) -> None:
+        """``ReadBudgetError`` naming ``what`` when ``pixels`` exceeds ``read_budget()``."""
+        _check_budget(self.path.name, pixels, what)
+
+    def read_cost(self, rect: Rect, out_w: int, out_h: int) -> int:
+        """Pixels ``read_rect(rect, out_w, out_h)`` decodes (at the level it reads; a slide
+        without coarse levels may be read once, whole, into an in-memory pyramid)."""
+        x, y, w, h = rect
+        if w <= 0 or h <= 0 or out_w <= 0 or out_h <= 0:
+            return 0
+        downsample = min(w / out_w, h / out_h)
+        level = self.read_level_for(downsample)
+        ds = self.levels[level].downsample
+        if downsample >= 2 * ds and self.width * self.height <= MAX_PROXY_PIXELS:
+            return 0 if self._proxy is not None else self.width * self.height
+        lw = math.ceil((math.ceil(x + w) - math.floor(x)) / ds)
+        lh = math.ceil((math.ceil(y + h) - math.floor(y)) / ds)
+        return max(1, lw) * max(1, lh)
+
+    def overview_cost(self) -> int:
+        """Pixels the cheapest view of the whole slide decodes (see ``_overview_cost``)."""
+        return _overview_cost(self.levels)
+
+    def read_rect(self, rect: Rect, out_w: int, out_h: int,
+                  check: ReadCheck | None = None) -> np.ndarray:
+        """The level-0 rectangle ``rect`` resampled to ``out_w`` x ``out_h`` pixels.
+
+        ``check()`` runs between the pieces of a large read and may raise to stop it; a
+        read decoding more than ``MAX_READ_PIXELS`` is refused with ``ReadBudgetError``."""
         x, y, w, h = rect
         if w <= 0 or h <= 0:
             raise SlideError("read_rect needs a rectangle with a positive size")
+        out_w, out_h = int(out_w), int(out_h)
+        self.check_read_budget(self.read_cost(rect, out_w, out_h),
+                               f"{w:.0f}x{h:.0f} level-0 px at {out_w}x{out_h}")
         downsample = min(w / out_w, h / out_h)
         level = self.read_level_for(downsample)
         ds = self.levels[level].downsample
         x0, y0 = math.floor(x), math.floor(y)
         x1, y1 = math.ceil(x + w), math.ceil(y + h)
-        proxy = self._proxy_for(downsample) if downsample >= 2 * ds else None
+        proxy = self._proxy_for(downsample, check) if downsample >= 2 * ds else None
         if proxy is not None:
             region, ds, ox, oy = _crop_array(proxy, self.width / proxy.shape[1], x0, y0, x1, y1)
         else:
             lw = max(1, math.ceil((x1 - x0) / ds))
             lh = max(1, math.ceil((y1 - y0) / ds))
-            region, ox, oy = self.read_region(level, x0, y0, lw, lh), x0, y0
-        lh, lw = region.shape[:2]
-        # Crop the exact sub-pixel box while resizing (PIL's box is in source pixels).
-        box = ((x - ox) / ds, (y - oy) / ds, min((x + w - ox) / ds, lw), min((y + h - oy) / ds, lh))
-        img = Image.fromarray(region).resize((int(out_w), int(out_h)), Image.BILINEAR, box=box)
-        return np.asarray(img)
+            if lw * lh > MAX_WHOLE_READ_PIXELS and out_h > 1:
+                return self._read_rect_banded(rect, out_w, out_h, level, check)
+            region, ox, oy = self.read_region(level, x0, y0, lw, lh, check), x0, y0
+        return _resample(region, ds, ox, oy, rect, out_w, out_h)
 
-    def _proxy_for(self, downsample: float) -> np.ndarray | None:
+    def _read_rect_banded(self, rect: Rect, out_w: int, out_h: int, level: int,
+                          check: ReadCheck | None) -> np.ndarray:
+        """``read_rect`` of a region too large to hold: bands of output rows, each read with
+        a margin of source rows so the resampling at band edges sees the same neighbours as
+        one whole read would (up to rounding of the filter weights)."""
+        x, y, w, h = rect
+        ds = self.levels[level].downsample
+        x0 = math.floor(x)
+        lw = max(1, math.ceil((math.ceil(x + w) - x0) / ds))
+        top, bottom = math.floor(y), math.ceil(y + h)
+        sy = h / out_h  # level-0 rows per output row
+        margin = sy + 2 * ds  # the bilinear filter's reach, and rounding
+        rows = max(1, int(MAX_WHOLE_READ_PIXELS / lw * ds / sy))
+        out = np.empty((out_h, out_w, 3), np.uint8)
+        for r0 in range(0, out_h, rows):
+            r1 = min(out_h, r0 + rows)
+            by0, by1 = y + r0 * sy, y + r1 * sy
+            # Bands start on the whole read's own level rows, so each holds the same pixels.
+            k0 = max(0, math.floor((by0 - margin - top) / ds))
+            ry0 = top + round(k0 * ds)
+            lh = max(1, math.ceil((min(bottom, by1 + margin) - top) / ds) - k0)
+            region = self.read_region(level, x0, ry0, lw, lh, check)
+            out[r0:r1] = _resample(region, ds, x0, ry0, (x, by0, w, by1 - by0), out_w, r1 - r0)
+        return out
+
+    def _proxy_for(self, downsample: float, check: ReadCheck | None = None) -> np.ndarray | None:
         """The finest in-memory halving not finer than needed, for slides without coarse
         levels; built once (one read of level 0) and shared by every reader of this slide."""
         if self.width * self.height > MAX_PROXY_PIXELS:
             return None
         with self._proxy_lock:
             if self._proxy is None:
-                base = Image.fromarray(self.read_region(0, 0, 0, self.width, self.height))
+                base = Image.fromarray(self.read_region(0, 0, 0, self.width, self.height, check))
                 pyramid = []
                 while max(base.size) > 64:
+                    if check is not None:
+                        check()
                     base = base.resize((max(1, base.width // 2), max(1, base.height // 2)), Image.BOX)
                     pyramid.append(np.asarray(base))
                 self._proxy = pyramid
@@ -176,12 +332,12 @@ class Slide:
                 best = arr
         return best
 
-    def thumbnail(self, max_side: int) -> np.ndarray:
+    def thumbnail(self, max_side: int, check: ReadCheck | None = None) -> np.ndarray:
         """The whole slide fitted into ``max_side`` x ``max_side``, aspect kept."""
         scale = max_side / max(self.width, self.height)
         out_w = max(1, round(self.width * scale))
         out_h = max(1, round(self.height * scale))
-        return self.read_rect((0, 0, self.width, self.height), out_w, out_h)
+        return self.read_rect((0, 0, self.width, self.height), out_w, out_h, check)
 
     def read_region_xrgb(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         """``read_region`` as HxW uint32 ``0xFFRRGGBB`` (the layout of Qt's RGB32 images), so a
@@ -274,6 +430,7 @@ class _PlainImageBackend:
     """A Pillow-decoded image kept as a pyramid of halvings down to ~256 px."""
 
     vendor = "plain-image"
+    decodes = False  # reads copy from memory: nothing to split into pieces
     associated_names: tuple[str, ...] = ()
 
     def __init__(self, path: Path, img: Image.Image) -> None:
@@ -350,21 +507,111 @@ def _open_plain(path: Path) -> _PlainImageBackend:
             f"{path.name}: not a slide MagLens can read (damaged, truncated, or not a format "
             "OpenSlide supports; plain PNG/JPEG/TIFF images open too)"
         )
+    _quiet_pillow_libtiff()
     try:
-        with Image.open(path) as img:
+        with Image.open(path) as img:  # reads the header only
+            # A plain image is decoded whole: its size is checked before that, against the
+            # plain-image cap and the read budget.
             if img.width * img.height > MAX_PLAIN_PIXELS:
                 raise SlideError(
                     f"{path.name}: {img.width}x{img.height} is too large for a plain image; "
                     "convert it to a pyramidal TIFF"
                 )
+            _check_budget(path.name, img.width * img.height,
+                          f"the whole {img.width}x{img.height} px image")
             img.load()
             return _PlainImageBackend(path, img)
     except SlideError:
         raise
-    except Image.DecompressionBombError:
-        raise SlideError(f"{path.name}: image is too large to decode as a plain image") from None
+    except Image.DecompressionBombError as exc:
+        # Raised by Image.open from the header alone, before anything is decoded.
+        size = "".join(ch for ch in str(exc).split("pixels")[0] if ch.isdigit())
+        what = f"{int(size) / 1e6:,.0f}-megapixel image" if size else "image"
+        raise SlideError(f"{path.name}: {what} is too large to decode as a plain image; "
+                         "convert it to a pyramidal TIFF") from None
+    except Image.UnidentifiedImageError:
+        raise SlideError(f"{path.name}: not a readable image (damaged, truncated, or a variant "
+                         "Pillow does not read)") from None
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types for bad files
-        raise SlideError(f"{path.name}: cannot be read as an image ({_clean(exc)})") from None
+        text = _clean(exc)
+        if text.startswith("decoder error"):  # Pillow's code for a codec failure
+            text = f"damaged pixel data, {text}"
+        raise SlideError(f"{path.name}: cannot be read as an image ({text})") from None
+
+
+def _check_declared_sizes(path: Path, backend) -> None:
+    """Refuse, before any pixel is read, a file whose declared sizes cannot be read safely:
+    tiles too large to allocate, or no overview within the read budget (a few-kB file may
+    declare a million pixels a side)."""
+    props = backend.properties
+    for i in range(len(backend.levels)):
+        tw = _float(props, f"openslide.level[{i}].tile-width") or 0
+        th = _float(props, f"openslide.level[{i}].tile-height") or 0
+        if tw * th > MAX_TILE_PIXELS:
+            raise SlideError(
+                f"{path.name}: declares {tw:.0f}x{th:.0f} px tiles at level {i}, too large to "
+                "decode safely (damaged or hostile file?)")
+    w, h = backend.levels[0].width, backend.levels[0].height
+    coarsest = backend.levels[-1]
+    cost = _overview_cost(backend.levels)
+    budget = read_budget()
+    if cost > budget:
+        raise ReadBudgetError(
+            f"{path.name}: declares {w}x{h} px and its coarsest level ({coarsest.width}x"
+            f"{coarsest.height}) would decode {_gigapixels(cost)} for an overview, over the "
+            f"{_gigapixels(budget)} limit (MAGLENS_MAX_READ_PIXELS raises it)")
+
+
+def _overview_cost(levels: list[Level]) -> int:
+    """Pixels the cheapest view of a whole slide decodes: its coarsest level, or level 0
+    once when it is small enough for the in-memory pyramid (``Slide._proxy_for``)."""
+    coarsest = levels[-1].width * levels[-1].height
+    level0 = levels[0].width * levels[0].height
+    return min(coarsest, level0) if level0 <= MAX_PROXY_PIXELS else coarsest
+
+
+_libtiff_quiet = False
+
+
+def _quiet_pillow_libtiff() -> None:
+    """Pillow's own libtiff prints decoder complaints ("ZIPDecode: Decoding error ...")
+    straight to file descriptor 2, past Python; Pillow reports the failure anyway and
+    SlideError says it in one line. Its handlers are switched off once, process-wide
+    (OpenSlide links its own libtiff, with its own handlers, and is not touched)."""
+    global _libtiff_quiet
+    if _libtiff_quiet:
+        return
+    _libtiff_quiet = True
+    try:
+        from PIL import _imaging  # noqa: F401 - maps Pillow's libtiff into the process
+
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            paths = {ln.split(None, 5)[-1].strip() for ln in maps if "libtiff" in ln}
+        pil_dir = str(Path(Image.__file__).resolve().parent.parent)
+        for lib in sorted(paths):
+            if not lib.startswith(pil_dir) and "pillow" not in lib.lower():
+                continue  # another package's libtiff: its owner decides
+            tiff = ctypes.CDLL(lib)
+            for name in ("TIFFSetErrorHandler", "TIFFSetWarningHandler"):
+                fn = getattr(tiff, name)
+                fn.restype = ctypes.c_void_p
+                fn.argtypes = [ctypes.c_void_p]
+                fn(None)
+            log.debug("libtiff messages of %s switched off", lib)
+    except Exception as exc:  # noqa: BLE001 - no /proc (not Linux) or a static libtiff
+        log.debug("could not switch off libtiff messages: %s", exc)
+
+
+def _resample(region: np.ndarray, ds: float, ox: float, oy: float, rect: Rect,
+              out_w: int, out_h: int) -> np.ndarray:
+    """The level-0 ``rect`` out of ``region`` (pixels of downsample ``ds`` whose top-left is
+    level-0 ``ox, oy``), resized bilinearly to out_w x out_h."""
+    x, y, w, h = rect
+    lh, lw = region.shape[:2]
+    # Crop the exact sub-pixel box while resizing (PIL's box is in source pixels).
+    box = ((x - ox) / ds, (y - oy) / ds, min((x + w - ox) / ds, lw), min((y + h - oy) / ds, lh))
+    img = Image.fromarray(region).resize((int(out_w), int(out_h)), Image.BILINEAR, box=box)
+    return np.asarray(img)
 
 
 def _guarded(path: Path, fn):

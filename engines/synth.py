@@ -24,8 +24,9 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from engines.data import stratified_split
+from engines.resources import resource_path
 
-TEXTURE_ROOT = Path(__file__).resolve().parents[1] / "resources" / "textures"
+TEXTURE_ROOT = resource_path("textures")  # package data, found wherever MagLens is installed
 TISSUE_CLASSES = ["02_STROMA", "03_COMPLEX", "04_LYMPHO", "05_DEBRIS", "06_MUCOSA", "07_ADIPOSE"]
 NEEDLE_CLASS = "01_TUMOR"
 TEXTURE_MPP = 0.495  # Kather 2016 tiles: 150 px = 74 um

@@ -308,7 +308,8 @@ def test_export_via_menu_and_failure_is_reported(qtbot, window, dialogs, tmp_pat
     target = tmp_path / "menu.png"
     monkeypatch.setattr(QFileDialog, "getSaveFileName",
                         lambda *a, **k: (str(target), "PNG image (*.png)"))
-    window.export_action.trigger()
+    with qtbot.waitSignal(window.view_exported, timeout=OPEN_TIMEOUT_MS):
+        window.export_action.trigger()  # runs in a worker, with progress
     assert target.is_file() and not dialogs
     blocker = tmp_path / "a-file"
     blocker.write_text("x")

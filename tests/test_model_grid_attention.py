@@ -298,7 +298,8 @@ def test_roi_trace_stays_in_the_roi_and_is_deterministic():
     p2 = model.explain(view, second.append)
     _check_trace(first, view, model)
     assert p1 == p2 and first == second
-    trace = Trace("grid_attention", "tiny", None, SlideRef(str(DEMO_SLIDE), 2220, 2967), probs=p1)
+    trace = Trace("grid_attention", "tiny", None, SlideRef(str(DEMO_SLIDE), 2220, 2967),
+                  classes=list(model.classes), probs=p1)
     for event in first:
         trace.add(event)
     assert Trace.from_json(trace.to_json()) == trace  # plain finite floats only

@@ -10,7 +10,7 @@ from PySide6.QtGui import QImage
 
 from engines.slide import Slide, pack_xrgb
 from tests.conftest import DATA, DEMO_SLIDE
-from viewer.tiles import TileCache, TileGrid, TileKey, TileLoader, array_to_qimage, read_tiles_now, xrgb_to_qimage
+from viewer.tiles import TileCache, TileGrid, TileKey, TileLoader, array_to_qimage, xrgb_to_qimage
 
 
 def _img(side: int = 64) -> QImage:
@@ -167,13 +167,19 @@ def test_loader_reports_errors_and_forgets_old_slide(qtbot, truncated_slide):
         loader.shutdown()
 
 
-def test_read_tiles_now_without_event_loop():
+def test_store_reads_tiles_without_event_loop():
+    from viewer.region_store import RegionStore
+
     slide = Slide(DEMO_SLIDE)
     grid = TileGrid(slide, 256)
-    keys = [TileKey(0, 0, 0), TileKey(0, 3, 2)]
-    out = read_tiles_now(grid, keys, threads=2)
-    assert set(out) == set(keys)
-    assert all(isinstance(v, QImage) and v.width() == 256 for v in out.values())
+    store = RegionStore(threads=2)
+    try:
+        keys = [TileKey(0, 0, 0), TileKey(0, 3, 2)]
+        out = store.read_tiles(grid, keys)
+        assert set(out) == set(keys)
+        assert all(isinstance(v, QImage) and v.width() == 256 for v in out.values())
+    finally:
+        assert store.shutdown(5000)
 
 
 def test_prefetch_work_uses_one_worker(qtbot):

@@ -243,7 +243,13 @@ def test_play_walks_the_path_by_itself(qtbot, window, fake):
     qtbot.mouseClick(window.models_panel.play_button, Qt.MouseButton.LeftButton)
     n = len(layers.path())
     qtbot.waitUntil(lambda: ctl.stop_index == n - 1, timeout=5000)
-    qtbot.waitUntil(lambda: ctl.stop_index == 0, timeout=5000)  # and round again
+    # it stops at the end of the path and lets go of the button
+    qtbot.waitUntil(lambda: not window.models_panel.play_button.isChecked(), timeout=5000)
+    qtbot.wait(200)
+    assert ctl.stop_index == n - 1 and not ctl.playing
+    # pressed again it walks the path from the start, and a second press stops it
+    qtbot.mouseClick(window.models_panel.play_button, Qt.MouseButton.LeftButton)
+    assert ctl.stop_index == 0
     qtbot.mouseClick(window.models_panel.play_button, Qt.MouseButton.LeftButton)
     stopped = ctl.stop_index
     qtbot.wait(200)

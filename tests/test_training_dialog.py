@@ -10,6 +10,15 @@ from tests.test_main_window import _sandboxed_settings, dialogs, make_window, qs
 from tests.test_train import manifest  # noqa: F401 - the module-scoped manifest fixture
 
 TRAIN_TIMEOUT_MS = 120_000
+CHECK_TIMEOUT_MS = 60_000  # the first check also imports torch
+
+
+def check(qtbot, dlg, path) -> bool:
+    """Load a manifest as the user does and wait for its background check."""
+    with qtbot.waitSignal(dlg.manifest_checked, timeout=CHECK_TIMEOUT_MS) as blocker:
+        dlg.manifest_edit.setText(str(path))
+        dlg.load_manifest(str(path))
+    return blocker.args[0]
 
 
 @pytest.fixture(autouse=True)
@@ -24,10 +33,9 @@ def window(qtbot, qsettings, dialogs):  # noqa: F811
     w.close()
 
 
-def setup_dialog(window, manifest, out, epochs=2):  # noqa: F811
+def setup_dialog(qtbot, window, manifest, out, epochs=2):  # noqa: F811
     dlg = window.show_training_dialog()
-    dlg.manifest_edit.setText(str(manifest))
-    assert dlg.load_manifest(str(manifest))
+    assert check(qtbot, dlg, manifest)
     dlg.model_combo.addItem("fake")
     dlg.model_combo.setCurrentText("fake")
     dlg.epochs.setValue(epochs)
@@ -37,18 +45,18 @@ def setup_dialog(window, manifest, out, epochs=2):  # noqa: F811
 
 
 def test_preview_shows_rows_and_counts_and_bad_manifests_are_listed(qtbot, window, manifest, tmp_path):  # noqa: F811
-    dlg = setup_dialog(window, manifest, tmp_path / "run")
+    dlg = setup_dialog(qtbot, window, manifest, tmp_path / "run")
     assert dlg.preview.rowCount() == 8
     assert "train: 3 normal, 3 tumor" in dlg.counts_label.text()
     bad = tmp_path / "bad.csv"
     bad.write_text("slide,label\nmissing.png,tumor\n")
-    assert not dlg.load_manifest(str(bad))
+    assert not check(qtbot, dlg, bad)
     assert "missing.png: file not found" in dlg.log.toPlainText()
     assert not dlg.start_button.isEnabled()
 
 
 def test_two_epochs_draw_curves_and_open_the_best_checkpoint(qtbot, window, manifest, tmp_path):  # noqa: F811
-    dlg = setup_dialog(window, manifest, tmp_path / "run")
+    dlg = setup_dialog(qtbot, window, manifest, tmp_path / "run")
     with qtbot.waitSignal(dlg.engine.done, timeout=TRAIN_TIMEOUT_MS):
         qtbot.mouseClick(dlg.start_button, Qt.MouseButton.LeftButton)
     assert dlg.status_label.text() == "Finished"
@@ -65,7 +73,7 @@ def test_stop_keeps_a_resumable_checkpoint(qtbot, window, manifest, tmp_path, mo
     import tests.fake_model as fm
 
     monkeypatch.setattr(fm, "PRESETS", {**fm.PRESETS, "tiny": fm.FakeConfig(seconds=0.0)})
-    dlg = setup_dialog(window, manifest, tmp_path / "run", epochs=50)
+    dlg = setup_dialog(qtbot, window, manifest, tmp_path / "run", epochs=50)
     qtbot.mouseClick(dlg.start_button, Qt.MouseButton.LeftButton)
     qtbot.waitUntil(lambda: len(dlg._history) >= 1, timeout=TRAIN_TIMEOUT_MS)
     with qtbot.waitSignal(dlg.engine.done, timeout=TRAIN_TIMEOUT_MS):
@@ -81,7 +89,7 @@ def test_device_box_lists_auto_cpu_and_each_gpu_and_a_missing_gpu_is_reported(
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # two GPUs seen: nothing moves there
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    dlg = setup_dialog(window, manifest, tmp_path / "run")
+    dlg = setup_dialog(qtbot, window, manifest, tmp_path / "run")
     box = dlg.device_combo
     assert [box.itemData(i) for i in range(box.count())] == ["auto", "cpu", "cuda:0", "cuda:1"]
     assert box.itemText(0).startswith("Auto") and box.itemText(3) == "GPU 1 (cuda:1)"

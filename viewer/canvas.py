@@ -43,19 +43,13 @@ from PySide6.QtGui import (
 from PySide6.QtWidgets import QWidget
 
 from engines.slide import Slide
+from engines.trace import ExportCancelled
 from viewer.camera import Camera, Rect
+from viewer.region_store import RegionStore
+from viewer.display_adjust import DisplayAdjust
 from viewer.overlays.base import Overlay, camera_transform
 from viewer.scalebar import ScaleBar
-from viewer.tiles import (
-    DEFAULT_CACHE_BYTES,
-    TILE_SIZE,
-    TileCache,
-    TileGrid,
-    TileKey,
-    TileLoader,
-    TileScaler,
-    read_tiles_now,
-)
+from viewer.tiles import DEFAULT_CACHE_BYTES, TILE_SIZE, TileGrid, TileKey
 
 BACKGROUND = QColor(232, 232, 232)
 PLACEHOLDER = QColor(190, 190, 190)
@@ -98,12 +92,15 @@ class SlideCanvas(QWidget):
                  tile_size: int = TILE_SIZE, threads: int | None = None) -> None:
         super().__init__(parent)
         self.camera = Camera(width=max(self.width(), 1), height=max(self.height(), 1))
-        self.cache = TileCache(cache_bytes)
-        self.loader = TileLoader(threads, self, background_from=PRIORITY_RING)
+        # Every display read of the slide (tiles, smooth copies, the minimap's thumbnail, the
+        # associated images, export tiles) goes through the store and its threads.
+        self.store = RegionStore(cache_bytes, threads, self, background_from=PRIORITY_RING)
+        self.cache = self.store.cache
+        self.loader = self.store.loader
         self.loader.tile_ready.connect(self._on_tile_ready)
         self.loader.tile_error.connect(self._on_tile_error)
         # Smoothly shrunk copies of visible tiles for the current zoom, made off the GUI thread.
-        self.scaler = TileScaler(1, self)
+        self.scaler = self.store.scaler
         self.scaler.scaled.connect(self._on_scaled)
         self._scaled: dict[tuple, QImage] = {}
         self._scaled_bytes = 0
@@ -116,6 +113,7 @@ class SlideCanvas(QWidget):
         self.paint_ms: deque[float] = deque(maxlen=10_000)  # paintEvent durations
         self._slide: Slide | None = None
         self._grid: TileGrid | None = None
+        self.display_adjust = DisplayAdjust()  # brightness/contrast/gamma, applied per tile
         self._failed: dict[TileKey, str] = {}
         self._overlays: list[Overlay] = []
         self._resident: set[TileKey] = set()
@@ -159,8 +157,8 @@ class SlideCanvas(QWidget):
         """Show ``slide`` fitted to the view (None: show nothing). The coarsest level loads
         first; the old slide is not closed here (its last worker may still hold it)."""
         self._anim.stop()
-        self.loader.set_grid(None)
-        self.cache.clear()
+        # A new generation: reads queued for the old slide are dropped, late ones discarded.
+        self.store.set_grid(None)
         self._failed.clear()
         self._resident = set()
         self._requested = frozenset()
@@ -171,8 +169,9 @@ class SlideCanvas(QWidget):
         self.scale_bar.mpp = None
         if slide is not None:
             grid = TileGrid(slide, self.tile_size)
+            grid.adjust = self.display_adjust.xrgb_filter()
             self._grid = grid
-            self.loader.set_grid(grid)
+            self.store.set_grid(grid)
             coarsest = grid.coarsest
             if grid.level_bytes(coarsest) <= min(MAX_RESIDENT_BYTES, self.cache.max_bytes // 2):
                 cols, rows = grid.grid_size(coarsest)
@@ -189,11 +188,29 @@ class SlideCanvas(QWidget):
         self.slide_changed.emit(slide)
         self._camera_changed(keep_fit=True)
 
-    def shutdown(self) -> None:
-        """Stop the workers (waits for reads in flight); call before dropping the canvas."""
+    def set_display_adjust(self, adjust: DisplayAdjust) -> None:
+        """Show the slide through ``adjust``: cached tiles are dropped and re-read through
+        its lookup table in the tile workers; exports use it too."""
+        if adjust == self.display_adjust:
+            return
+        self.display_adjust = adjust
+        grid = self._grid
+        if grid is None:
+            return
+        grid.adjust = adjust.xrgb_filter()
+        self.store.set_grid(grid)  # a new generation: tiles decoded with the old table are dropped
+        self._failed.clear()
+        self._requested = frozenset()
+        self._completed_view = None
+        self._reset_scaled(None)
+        self.update()
+
+    def shutdown(self, timeout_ms: int = 2000) -> bool:
+        """Stop the region store's threads, waiting at most ``timeout_ms`` for reads in flight
+        (one stuck in a C call is left to finish on its own); call before dropping the canvas.
+        True when none was left running."""
         self._anim.stop()
-        self.loader.shutdown()
-        self.scaler.shutdown()
+        return self.store.shutdown(timeout_ms)
 
     # -- view control ------------------------------------------------------------------------
     def fit_view(self, animate: bool = True) -> None:
@@ -316,8 +333,15 @@ class SlideCanvas(QWidget):
     def render_image(self, width: int, height: int, view_rect: Rect | None = None) -> QImage:
         """The view (or ``view_rect``) painted offscreen at width x height with overlays.
 
-        Missing tiles are decoded on helper threads and waited for, so this works from any
-        thread and without an event loop."""
+        Missing tiles are read by the region store's workers and waited for, so this works
+        without an event loop. Exports call ``plan_render`` on the GUI thread and render the
+        plan in a worker instead."""
+        return self.plan_render(width, height, view_rect).render()
+
+    def plan_render(self, width: int, height: int, view_rect: Rect | None = None) -> "ViewRender":
+        """Capture what an export of the view (or ``view_rect``) at width x height needs:
+        camera, tiles already cached, failed tiles, overlays. Call on the GUI thread; the
+        plan's ``render`` may run in any thread. Bad sizes raise ``ValueError`` here."""
         width, height = int(width), int(height)
         if not (0 < width <= MAX_EXPORT_SIDE and 0 < height <= MAX_EXPORT_SIDE):
             raise ValueError(f"image size must be 1..{MAX_EXPORT_SIDE} pixels a side, got {width}x{height}")
@@ -335,33 +359,22 @@ class SlideCanvas(QWidget):
             cam.scale = cam.scale_for_rect((x, y, w, h))
         else:
             cam.scale = self.camera.scale * min(width / old_w, height / old_h)
-        image = QImage(width, height, QImage.Format.Format_RGB32)
         grid = self._grid
-        extra: dict[TileKey, QImage] = {}
         failed = dict(self._failed)
+        tiles: dict[TileKey, QImage] = {}
+        missing: list[TileKey] = []
         if grid is not None:
             level = grid.level_for_scale(cam.scale)
             view = self._visible_rect(cam)
             if grid.count_in(level, view) > max(MAX_VISIBLE_TILES, 4 * width * height // 65536):
                 raise ValueError(f"{NO_OVERVIEW_NOTE} (or export a smaller region)")
-            needed = grid.tiles_in(level, view)
-            missing = [k for k in needed if k not in self.cache and k not in failed]
-            for key, value in read_tiles_now(grid, missing, self.loader.threads).items():
-                if isinstance(value, QImage):
-                    extra[key] = value
-                else:
-                    failed[key] = value
-
-        def lookup(key: TileKey) -> QImage | None:
-            img = extra.get(key)
-            return img if img is not None else self.cache.get(key)
-
-        painter = QPainter(image)
-        try:
-            self._paint_view(painter, cam, grid, lookup, failed, live=False)
-        finally:
-            painter.end()
-        return image
+            for key in grid.tiles_in(level, view):
+                img = self.cache.get(key)
+                if img is not None:
+                    tiles[key] = img  # implicitly shared: no pixels are copied
+                elif key not in failed:
+                    missing.append(key)
+        return ViewRender(self, cam, grid, tiles, missing, failed, list(self._overlays))
 
     # -- painting ----------------------------------------------------------------------------
     def paintEvent(self, event: QPaintEvent) -> None:  # noqa: N802 - Qt override
@@ -393,7 +406,8 @@ class SlideCanvas(QWidget):
         return (x0, y0, max(x1 - x0, 0.0), max(y1 - y0, 0.0))
 
     def _paint_view(self, painter: QPainter, cam: Camera, grid: TileGrid | None, lookup: Lookup,
-                    failed: dict[TileKey, str], live: bool) -> tuple[list[TileKey], bool]:
+                    failed: dict[TileKey, str], live: bool,
+                    overlays: list[Overlay] | None = None) -> tuple[list[TileKey], bool]:
         """Paint slide, overlays and scale bar; (visible tiles not yet cached, all painted?).
 
         Shrunk tiles are drawn from smooth copies at their exact screen size. ``live`` (the
@@ -417,7 +431,7 @@ class SlideCanvas(QWidget):
             painter.setPen(QColor(60, 60, 60))
             painter.drawText(QRect(0, 0, cam.width, cam.height), Qt.AlignmentFlag.AlignCenter,
                              NO_OVERVIEW_NOTE)
-            self._paint_overlays(painter, cam)
+            self._paint_overlays(painter, cam, overlays)
             return missing, True
         _fill_margins(painter, cam, slide_rect)
         t = grid.tile_size
@@ -454,7 +468,7 @@ class SlideCanvas(QWidget):
             else:
                 painter.drawImage(target, img)
                 self._scale_jobs.append((skey, img))
-        self._paint_overlays(painter, cam)
+        self._paint_overlays(painter, cam, overlays)
         return missing, not missing
 
     def _paint_stand_in(self, painter: QPainter, cam: Camera, grid: TileGrid, key: TileKey,
@@ -487,8 +501,8 @@ class SlideCanvas(QWidget):
             return True
         return False
 
-    def _paint_overlays(self, painter: QPainter, cam: Camera) -> None:
-        for overlay in self._overlays:
+    def _paint_overlays(self, painter: QPainter, cam: Camera, overlays: list[Overlay] | None = None) -> None:
+        for overlay in self._overlays if overlays is None else overlays:
             if not overlay.visible:
                 continue
             painter.save()
@@ -756,3 +770,49 @@ def _paint_placeholder(painter: QPainter, target: QRect) -> None:
 
 def _intersects(a: Rect, b: Rect) -> bool:
     return a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]
+
+
+class ViewRender:
+    """An export of the canvas view, planned on the GUI thread by ``SlideCanvas.plan_render``.
+    ``render`` reads the missing tiles through the region store (checking ``cancel`` between
+    tiles) and paints into a QImage; it runs in any thread (no QPixmap is involved)."""
+
+    def __init__(self, canvas: SlideCanvas, camera: Camera, grid: TileGrid | None,
+                 tiles: dict[TileKey, QImage], missing: list[TileKey], failed: dict[TileKey, str],
+                 overlays: list[Overlay]) -> None:
+        self._canvas = canvas
+        self._store = canvas.store
+        self.camera = camera
+        self.grid = grid
+        self.tiles = tiles
+        self.missing = missing
+        self.failed = failed
+        self.overlays = overlays
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.camera.width, self.camera.height
+
+    def render(self, cancel=None, progress=None) -> QImage:
+        """The image; ``progress(done, total)`` counts tiles read. Raises ``ExportCancelled`` when
+        ``cancel`` (a ``threading.Event``) is set before the image is complete."""
+        tiles, failed = dict(self.tiles), dict(self.failed)
+        if self.grid is not None and self.missing:
+            got = self._store.read_tiles(self.grid, self.missing, cancel, progress)
+            for key, value in got.items():
+                if isinstance(value, QImage):
+                    tiles[key] = value
+                else:
+                    failed[key] = value
+        if cancel is not None and cancel.is_set():
+            raise ExportCancelled("export cancelled")
+        image = QImage(self.camera.width, self.camera.height, QImage.Format.Format_RGB32)
+        painter = QPainter(image)
+        try:
+            self._canvas._paint_view(painter, self.camera, self.grid, tiles.get, failed, live=False,
+                                     overlays=self.overlays)
+        finally:
+            painter.end()
+        if cancel is not None and cancel.is_set():
+            raise ExportCancelled("export cancelled")
+        return image

@@ -1,41 +1,23 @@
 """Minimap: the slide thumbnail with the viewport outlined; click or drag to move the canvas.
 
-Joined to the canvas only through signals and public slots. The thumbnail is decoded on a
-worker thread, never on the GUI thread.
+Joined to the canvas only through signals and public slots. The thumbnail is read by the
+canvas's region store (its one-shot read lane), never on the GUI thread; a thumbnail still being
+read when the slide changes is dropped by the store.
 """
 from __future__ import annotations
 
-import threading
-
-from PySide6.QtCore import QObject, QPointF, QRectF, QSize, Qt, Signal
+from PySide6.QtCore import QPointF, QRectF, QSize, Qt
 from PySide6.QtGui import QColor, QImage, QMouseEvent, QPainter, QPaintEvent, QPen
 from PySide6.QtWidgets import QSizePolicy, QWidget
 
 from engines.slide import Slide
+from viewer.region_store import RegionStore
 from viewer.tiles import array_to_qimage
 
 THUMB_SIDE = 512
 # A thumbnail reads the whole of its source level; refuse levels larger than this.
 MAX_THUMB_SOURCE_PIXELS = 64_000_000
 VIEW_COLOR = QColor(220, 30, 30)
-
-
-class _ThumbnailJob(QObject):
-    done = Signal(int, object, str)  # generation, QImage or None, error message
-
-    def start(self, generation: int, slide: Slide, side: int) -> None:
-        def run() -> None:
-            image, error = None, ""
-            try:
-                image = array_to_qimage(slide.thumbnail(side))
-            except Exception as exc:  # noqa: BLE001 - reported in the widget, never raised
-                error = str(exc) or type(exc).__name__
-            try:
-                self.done.emit(generation, image, error)
-            except RuntimeError:  # widget already gone
-                pass
-
-        threading.Thread(target=run, name="maglens-thumbnail", daemon=True).start()
 
 
 def _thumbnail_source_pixels(slide: Slide, side: int) -> int:
@@ -48,16 +30,16 @@ def _thumbnail_source_pixels(slide: Slide, side: int) -> int:
 
 
 class Minimap(QWidget):
-    def __init__(self, canvas, parent: QWidget | None = None) -> None:
+    def __init__(self, canvas, parent: QWidget | None = None, store: RegionStore | None = None) -> None:
         super().__init__(parent)
         self._canvas = canvas
+        # The canvas's store owns the read; a canvas without one gets a small private store.
+        self._store = store or getattr(canvas, "store", None) or RegionStore(0, 1, self)
         self._slide: Slide | None = None
         self._thumb: QImage | None = None
         self._error = ""
         self._view: tuple[float, float, float, float] | None = None
         self._gen = 0
-        self._job = _ThumbnailJob(self)
-        self._job.done.connect(self._on_thumbnail)
         self.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Preferred)
         self.setMinimumSize(120, 90)
         self.setCursor(Qt.CursorShape.PointingHandCursor)
@@ -90,7 +72,10 @@ class Minimap(QWidget):
             if _thumbnail_source_pixels(slide, THUMB_SIDE) > MAX_THUMB_SOURCE_PIXELS:
                 self._error = "slide has no overview level small enough"
             else:
-                self._job.start(self._gen, slide, THUMB_SIDE)
+                gen = self._gen
+                self._store.submit(lambda: array_to_qimage(slide.thumbnail(THUMB_SIDE)),
+                                   lambda image: self._on_thumbnail(gen, image, ""),
+                                   lambda exc: self._on_thumbnail(gen, None, str(exc) or type(exc).__name__))
         self.update()
 
     def set_view_rect(self, rect) -> None:

@@ -1,7 +1,8 @@
 """Tiles of a slide pyramid: the grid, a byte-bounded cache, and a worker-thread loader.
 
-The GUI thread never reads pixels: ``TileLoader`` decodes in a ``QThreadPool`` and hands the
-images back through a queued signal. Wanted tiles carry a priority (lower first, usually the
+The GUI thread never reads pixels: ``TileLoader`` decodes on worker threads (a
+``viewer.workers.WorkerPool``, usually the region store's) and hands the images back through a
+queued signal. Wanted tiles carry a priority (lower first, usually the
 distance to the view centre); the wanted set is replaced on every view change, so a tile that
 left the view is dropped before anyone decodes it.
 """
@@ -11,13 +12,14 @@ import math
 import os
 import threading
 from collections import OrderedDict
-from typing import Iterable, NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
-from PySide6.QtCore import QObject, Qt, QThreadPool, Signal
+from PySide6.QtCore import QObject, Qt, Signal
 from PySide6.QtGui import QImage
 
 from engines.slide import Slide, SlideError
+from viewer.workers import WorkerPool
 
 TILE_SIZE = 256
 DEFAULT_CACHE_BYTES = 512 * 2**20
@@ -60,6 +62,9 @@ class TileGrid:
         self.tile_size = int(tile_size)
         self.levels = [(lv.width, lv.height, lv.downsample) for lv in slide.levels]
         self.width, self.height = slide.width, slide.height
+        # Display adjustment (viewer.display_adjust): maps each decoded HxW xrgb tile, in the
+        # worker. The canvas sets it and drops tiles made with the previous one.
+        self.adjust: Callable[[np.ndarray], np.ndarray] | None = None
 
     @property
     def coarsest(self) -> int:
@@ -117,7 +122,21 @@ class TileGrid:
         pw, ph = self.tile_pixels(key)
         x0 = int(round(key.col * t * ds))
         y0 = int(round(key.row * t * ds))
-        return xrgb_to_qimage(self.slide.read_region_xrgb(key.level, x0, y0, pw, ph))
+        pixels = self.slide.read_region_xrgb(key.level, x0, y0, pw, ph)
+        adjust = self.adjust
+        if adjust is not None:
+            pixels = adjust(pixels)
+        return xrgb_to_qimage(pixels)
+
+
+def read_tile(grid: TileGrid, key: TileKey) -> QImage | str:
+    """Decode one tile in the calling thread (a worker): the image, or an error message."""
+    try:
+        return grid.read(key)
+    except SlideError as exc:
+        return str(exc)
+    except Exception as exc:  # noqa: BLE001 - a bad tile must not kill the worker
+        return f"tile {key.level}/{key.col}/{key.row}: {type(exc).__name__}: {exc}"
 
 
 def image_bytes(image: QImage) -> int:
@@ -227,7 +246,8 @@ class TileLoader(QObject):
     _decoded = Signal(int, object, object, object)
 
     def __init__(self, threads: int | None = None, parent: QObject | None = None,
-                 background_from: float = math.inf, background_threads: int = 1) -> None:
+                 background_from: float = math.inf, background_threads: int = 1,
+                 pool: WorkerPool | None = None) -> None:
         super().__init__(parent)
         self.threads = max(1, int(threads or default_threads()))
         # Work at or above ``background_from`` (prefetch) runs on at most
@@ -235,8 +255,9 @@ class TileLoader(QObject):
         self.background_from = background_from
         self.background_threads = max(1, background_threads)
         self._background = 0
-        self._pool = QThreadPool()
-        self._pool.setMaxThreadCount(self.threads)
+        # A shared pool (the region store's) is stopped by its owner; a private one by us.
+        self._owns_pool = pool is None
+        self._pool = pool or WorkerPool("tiles", self.threads)
         self._lock = threading.Lock()
         self._wanted: dict[TileKey, float] = {}
         self._busy: set[TileKey] = set()  # decoding, or decoded and on the way to the GUI
@@ -265,7 +286,9 @@ class TileLoader(QObject):
             spare = min(self.threads - self._running, len(self._wanted))
             self._running += max(spare, 0)
         for _ in range(max(spare, 0)):
-            self._pool.start(self._work)
+            if not self._pool.start(self._work):  # shut down: nothing will run
+                with self._lock:
+                    self._running -= 1
 
     def cancel(self) -> None:
         with self._lock:
@@ -280,11 +303,15 @@ class TileLoader(QObject):
             return key in self._busy
 
     def wait_idle(self, msecs: int = 5000) -> bool:
-        return self._pool.waitForDone(msecs)
+        return self._pool.wait_idle(msecs)
 
-    def shutdown(self, msecs: int = 5000) -> None:
+    def shutdown(self, msecs: int = 5000) -> bool:
+        """Forget every request and stop (a shared pool is only waited for; its owner stops
+        it). True when no read is still running."""
         self.set_grid(None)
-        self._pool.waitForDone(msecs)
+        if self._owns_pool:
+            return self._pool.shutdown(msecs)
+        return self._pool.wait_idle(msecs)
 
     def _work(self) -> None:
         while True:
@@ -301,13 +328,8 @@ class TileLoader(QObject):
                 self._busy.add(key)
                 self._background += background
                 grid, gen = self._grid, self._gen
-            image, error = None, None
-            try:
-                image = grid.read(key)
-            except SlideError as exc:
-                error = str(exc)
-            except Exception as exc:  # noqa: BLE001 - a bad tile must not kill the worker
-                error = f"tile {key.level}/{key.col}/{key.row}: {type(exc).__name__}: {exc}"
+            value = read_tile(grid, key)
+            image, error = (value, None) if isinstance(value, QImage) else (None, value)
             with self._lock:
                 self.decodes += 1
                 self._background -= background
@@ -327,37 +349,6 @@ class TileLoader(QObject):
             self.tile_error.emit(key, error or "tile cannot be read")
 
 
-def read_tiles_now(grid: TileGrid, keys: Iterable[TileKey], threads: int) -> dict[TileKey, QImage | str]:
-    """Decode ``keys`` on plain threads and wait for them: for offscreen exports, which must
-    not depend on a running event loop. Values are images, or error messages."""
-    keys = list(keys)
-    out: dict[TileKey, QImage | str] = {}
-    lock = threading.Lock()
-    it = iter(keys)
-
-    def worker() -> None:
-        while True:
-            with lock:
-                key = next(it, None)
-            if key is None:
-                return
-            try:
-                value: QImage | str = grid.read(key)
-            except SlideError as exc:
-                value = str(exc)
-            except Exception as exc:  # noqa: BLE001
-                value = f"{type(exc).__name__}: {exc}"
-            with lock:
-                out[key] = value
-
-    workers = [threading.Thread(target=worker, daemon=True) for _ in range(max(1, min(threads, len(keys))))]
-    for t in workers:
-        t.start()
-    for t in workers:
-        t.join()
-    return out
-
-
 ScaledKey = tuple[TileKey, int, int]  # tile, target width, target height
 
 
@@ -369,10 +360,11 @@ class TileScaler(QObject):
     scaled = Signal(object, object)  # ScaledKey, QImage
     _done = Signal(int, object, object)
 
-    def __init__(self, threads: int = 1, parent: QObject | None = None) -> None:
+    def __init__(self, threads: int = 1, parent: QObject | None = None,
+                 pool: WorkerPool | None = None) -> None:
         super().__init__(parent)
-        self._pool = QThreadPool()
-        self._pool.setMaxThreadCount(max(1, threads))
+        self._owns_pool = pool is None
+        self._pool = pool or WorkerPool("scale", max(1, threads))
         self._threads = max(1, threads)
         self._lock = threading.Lock()
         self._jobs: list[tuple[ScaledKey, QImage]] = []
@@ -404,11 +396,15 @@ class TileScaler(QObject):
             spare = min(self._threads - self._running, len(self._jobs))
             self._running += max(spare, 0)
         for _ in range(max(spare, 0)):
-            self._pool.start(self._work)
+            if not self._pool.start(self._work):
+                with self._lock:
+                    self._running -= 1
 
-    def shutdown(self, msecs: int = 5000) -> None:
+    def shutdown(self, msecs: int = 5000) -> bool:
         self.new_generation()
-        self._pool.waitForDone(msecs)
+        if self._owns_pool:
+            return self._pool.shutdown(msecs)
+        return self._pool.wait_idle(msecs)
 
     def _work(self) -> None:
         while True:

@@ -37,7 +37,7 @@ class TraceLayers(QObject):
 
     def __init__(self, canvas, trace: Trace, colormap: str = colormaps.DEFAULT,
                  joint: bool = False, smooth: bool = False,
-                 map_opacity: float = DEFAULT_MAP_OPACITY) -> None:
+                 map_opacity: float = DEFAULT_MAP_OPACITY, label: str | None = None) -> None:
         super().__init__()
         self.canvas = canvas
         self.trace = trace
@@ -45,7 +45,8 @@ class TraceLayers(QObject):
         self.joint = joint
         self.smooth = smooth
         self.map_opacity = map_opacity
-        self.label = f"{trace.model}"
+        # Names the layers in the Layers dock; a trace of part of a slide says which part.
+        self.label = label or f"{trace.model}"
         self.fields = FieldsOverlay([], name=f"{self.label}: fields")
         positive = min(1, max(len(trace.classes) - 1, 0))
         self.trail = TrailOverlay([], [], positive=positive, name=f"{self.label}: probability trail",
@@ -144,6 +145,11 @@ class TraceLayers(QObject):
     @property
     def shown(self) -> bool:
         return self._shown
+
+    @property
+    def empty(self) -> bool:
+        """Whether nothing has been drawn yet (no field inside the view, map or step)."""
+        return not (self.fields.fields or self.maps or self.trail.steps)
 
     # -- map controls -----------------------------------------------------------------------
     def groups(self) -> dict[str, list[HeatmapOverlay]]:

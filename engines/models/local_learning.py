@@ -319,6 +319,7 @@ class _RowReader:
         self.view, self.w_in = view, w_in
         self.device = device
         self.sy = view.bounds[3] / h_in
+        view.check_budget(view.bounds, w_in, h_in)  # the strips together read the whole view
         self.start, self.rows = 0, None  # cached rows [start, start + rows.shape[2])
 
     def _read(self, r0: int, r1: int) -> torch.Tensor:

@@ -204,6 +204,7 @@ def read_bounded(view: SlideView, rect: Rect, out_w: int, out_h: int) -> np.ndar
     """``view.read`` in pieces small enough that no single read holds more than
     MAX_READ_PIXELS source pixels (a single-level giant image would otherwise be decoded
     whole for a thumbnail). Pieces sit on output-pixel boundaries, so they tile exactly."""
+    view.check_budget(rect, out_w, out_h)  # the pieces together, not each one
     x, y, w, h = rect
     slide = view.slide
     ds = max(min(w / out_w, h / out_h), 1e-9)

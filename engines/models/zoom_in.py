@@ -255,6 +255,9 @@ class ZoomInNet(SlideModel):
         halo = AttentionNet.halo
         # Bands bound both the network's input and the pixels decoded from the pyramid level
         # the read will use, so progress comes often even on single-level slides.
+        # The bands together read the whole grid: refused up front when over the read budget.
+        view.check_budget((*grid.origin, grid.cols * grid.cell[0], grid.rows * grid.cell[1]),
+                          grid.cols * p1, grid.rows * p1)
         slide = view.slide
         level = slide.read_level_for(grid.cell[0] / p1)
         ds = slide.levels[level].downsample
