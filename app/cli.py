@@ -225,11 +225,16 @@ def cmd_info(args: argparse.Namespace) -> int:
 # infer
 # ---------------------------------------------------------------------------------------
 def _configure_infer(p: argparse.ArgumentParser) -> None:
-    p.add_argument("slide", help="slide file")
+    p.add_argument("slide", metavar="SLIDE|MANIFEST|DIR",
+                   help="a slide file; or a manifest CSV (slide,label[,split]) or a folder of "
+                        "slides to run the model over the whole cohort")
     p.add_argument("--model", help="model name (optional with --checkpoint, which names it)")
     p.add_argument("--preset", help="model preset (default tiny; a checkpoint fixes its own)")
     p.add_argument("--checkpoint", help="trained weights; without one the model is untrained")
-    p.add_argument("--out", help="write the trace JSON here")
+    p.add_argument("--out", help="one slide: write the trace JSON here; a cohort: the folder for "
+                                 "traces/, predictions.csv and summary.json (required)")
+    p.add_argument("--workers", type=positive_int, metavar="N",
+                   help="cohort only: run N slides at once in N processes (default 1)")
     p.add_argument("--geojson", help="write fields and attention cells as GeoJSON (QuPath)")
     p.add_argument("--roi", type=parse_rect, metavar="X,Y,W,H",
                    help="run on this level-0 rectangle only")
@@ -279,11 +284,18 @@ class ProgressPrinter:
             self._drawn = False
 
 
-@command("infer", "run a model on a slide and save its trace", _configure_infer)
+@command("infer", "run a model on a slide, or over a manifest or folder of slides",
+         _configure_infer)
 def cmd_infer(args: argparse.Namespace) -> int:
     if args.model is None and args.checkpoint is None:
         raise UsageError("infer needs --model NAME (or --checkpoint FILE, which names its model)")
     _check_model_name(args.model)
+    from engines.cohort import is_cohort
+
+    if is_cohort(args.slide):
+        return _infer_cohort(args)
+    if args.workers is not None:
+        raise UsageError("--workers is for a manifest or a folder of slides, not one slide")
     _writable_target(args.out, "--out")
     _writable_target(args.geojson, "--geojson")
     if args.checkpoint is not None:
@@ -371,6 +383,154 @@ def _infer(args: argparse.Namespace, slide) -> int:
         file=sys.stderr,
     )
     return EXIT_OK
+
+
+# -- infer over a cohort -----------------------------------------------------------------
+# Exit codes of a cohort run: 0 every slide has a prediction; 1 some slide failed (its row in
+# predictions.csv says why, the others ran and every output is written); 2 bad input.
+def _check_cohort_args(args: argparse.Namespace) -> Path:
+    for option, value in (("--geojson", args.geojson), ("--roi", args.roi)):
+        if value is not None:
+            raise UsageError(f"{option} is for one slide; a cohort run writes each slide's trace "
+                             "into --out DIR/traces")
+    if args.out is None:
+        raise UsageError("a manifest or folder needs --out DIR (for traces/, predictions.csv "
+                         "and summary.json)")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {args.out} is a file; give a folder")
+    if args.checkpoint is not None:
+        _existing_file(args.checkpoint, "checkpoint")
+        if args.backbone_weights is not None:
+            raise UsageError("--backbone-weights is for untrained models; the checkpoint holds its own weights")
+    if not Path(args.slide).exists():
+        raise UsageError(f"manifest {args.slide}: no such file")
+    return out
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _read_cohort(args: argparse.Namespace):
+    from engines.cohort import CohortError, read_cohort
+    from engines.data import ManifestError
+
+    try:
+        return read_cohort(args.slide)
+    except CohortError as exc:
+        raise UsageError(str(exc)) from None
+    except ManifestError as exc:
+        if len(exc.problems) == 1:
+            raise UsageError(f"manifest {args.slide}: {exc.problems[0]}") from None
+        if _env_rank() == 0:  # every rank read the same manifest: list its problems once
+            print(f"{PROG} infer: error: manifest {args.slide} has {len(exc.problems)} problem(s):",
+                  file=sys.stderr)
+            for problem in exc.shown:
+                print(f"  {problem}", file=sys.stderr)
+        return None
+
+
+def _infer_cohort(args: argparse.Namespace) -> int:
+    out = _check_cohort_args(args)
+    cohort = _read_cohort(args)
+    if cohort is None:
+        return EXIT_BAD_INPUT
+    from engines.cohort import ModelSpec
+
+    _resolve_device(args)  # a GPU asked for but missing is bad input, before any work
+    workers = args.workers or 1
+    per_node = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    threads = args.threads or max(1, _cores() // (workers * per_node))
+    spec = ModelSpec(args.model, args.preset, args.checkpoint,
+                     backbone_overrides(args.model, args.preset, args.backbone_weights)
+                     if args.checkpoint is None else {}, args.device, threads)
+    try:
+        model, sha = spec.load()
+    except ValueError as exc:  # a preset the model lacks or the checkpoint contradicts
+        raise UsageError(str(exc)) from None
+    unknown = [lab for lab in cohort.labels if lab not in model.classes]
+    if unknown:
+        raise UsageError(f"manifest {args.slide}: label(s) {', '.join(map(repr, unknown))} are not "
+                         f"classes of the model ({', '.join(model.classes)})")
+    if sha is None and _env_rank() == 0:
+        print(f"{PROG} infer: warning: no --checkpoint: {model.name} runs with initial "
+              f"(untrained, seed 0) weights and the traces record checkpoint null", file=sys.stderr)
+
+    from engines.train import init_distributed
+
+    rank, world = init_distributed(_resolve_device(args))
+    finished = False
+    try:
+        code = _run_cohort(args, cohort, out, spec, model, sha, workers, rank, world)
+        finished = True
+        return code
+    finally:
+        if world > 1:
+            _leave_process_group(finished)
+
+
+def _run_cohort(args, cohort, out: Path, spec, model, sha, workers: int, rank: int, world: int) -> int:
+    from engines.cohort import run_identity, run_slides, shard, write_outputs
+
+    mine = shard(cohort.slides, rank, world)
+    bar = ProgressPrinter(sys.stderr, label_width=60) if rank == 0 else None
+    counts = {"ran": 0, "reused": 0}
+    start = time.monotonic()
+
+    def on_result(res, reused: bool) -> None:
+        counts["reused" if reused else "ran"] += 1
+        done = counts["ran"] + counts["reused"]
+        if bar is None:
+            return
+        # ETA from the slides run so far (reused ones cost nothing).
+        eta = ((time.monotonic() - start) / counts["ran"] * (len(mine) - done)) if counts["ran"] else None
+        bar.update(done, len(mine), f"slide {done}/{len(mine)} ETA {_duration(eta)}"
+                   + (f" {res.name}" if bar.tty else ""))
+
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        run_slides(mine, spec, out, workers, model=model, sha=sha, on_result=on_result)
+    finally:
+        if bar is not None:
+            bar.finish()
+    if world > 1:
+        import torch
+        import torch.distributed as dist
+
+        total = torch.tensor([counts["ran"], counts["reused"]], dtype=torch.long)
+        dist.all_reduce(total)  # also the barrier: every rank's records are written
+        counts["ran"], counts["reused"] = (int(v) for v in total)
+    from engines.cohort import collect
+
+    failed = [(s, r) for s, r in zip(cohort.slides, collect(cohort, out)) if r is None or r.error]
+    if rank != 0:
+        return EXIT_FAILED if failed else EXIT_OK
+    summary = write_outputs(cohort, out, list(model.classes), run_identity(spec, model, sha))
+    _print_cohort_summary(summary, counts, failed, out)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _print_cohort_summary(summary: dict, counts: dict, failed: list, out: Path) -> None:
+    line = f"{summary['n']} slide(s): {summary['n_predicted']} predicted, {summary['n_failed']} failed"
+    if summary["accuracy"] is not None:
+        line += f"; accuracy {summary['accuracy']:.3f} on {summary['n_scored']}"
+    if summary["auroc"] is not None:
+        line += f", AUROC {summary['auroc']:.3f}"
+        if summary["auroc_ci95"] is not None:
+            lo, hi = summary["auroc_ci95"]
+            line += f" (95% CI {lo:.3f}-{hi:.3f})"
+    print(line)
+    for s, r in failed[:10]:
+        print(f"{PROG} infer: {s.name}: {r.error if r is not None else 'not run'}", file=sys.stderr)
+    if len(failed) > 10:
+        print(f"{PROG} infer: ... and {len(failed) - 10} more failed slide(s)", file=sys.stderr)
+    print(f"{PROG} infer: ran {counts['ran']} slide(s), reused {counts['reused']} done earlier with "
+          f"the same weights; {out / 'predictions.csv'}, {out / 'summary.json'}, traces in "
+          f"{out / 'traces'}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------

@@ -197,6 +197,7 @@ class InferenceController(QObject):
         """Show what belongs to the newly opened slide only: its traces (kept from before)
         or nothing; a run, Play and the drawn region of the old slide end."""
         self.cancel()
+        self.status.emit("")  # nor is a message about the previous slide
         self.rubber.set_rect(None)
         self.canvas.remove_overlay(self.rubber)
         if self.panel.scope_combo.currentText() == "Drawn rectangle":
@@ -208,6 +209,7 @@ class InferenceController(QObject):
         self._show(self.key_for_model(self.panel.model_combo.currentText()))
 
     def _show_for_model(self, model: str) -> None:
+        self.status.emit("")  # a message about the previous model's run is not about this one
         self._show(self.key_for_model(model))
 
     def choose_trace(self, name: str) -> None:
@@ -230,9 +232,10 @@ class InferenceController(QObject):
             self.compare = None  # it is the main trace now
         self.current = layers
         self.shown_key = key
-        self._stop = -1
+        # A trace comes back where its path was left: the highlight and the label agree.
+        self._stop, path_text = getattr(layers, "path_position", (-1, "—"))
         self.last_error = None
-        self.panel.path_label.setText("—")
+        self.panel.path_label.setText(path_text)
         if layers is not None:
             self._apply_settings(layers)
             layers.show()
@@ -506,7 +509,9 @@ class InferenceController(QObject):
         self.current.focus(stop)
         self._refresh_choosers()
         shown = f" — showing {stop.maps[0].map.name}" if stop.maps and stop.overlay is None else ""
-        self.panel.path_label.setText(f"{i + 1} / {len(stops)}: {stop.title}{shown}")
+        text = f"{i + 1} / {len(stops)}: {stop.title}{shown}"
+        self.panel.path_label.setText(text)
+        self.current.path_position = (i, text)  # shown again when this trace comes back
         return stop.title
 
     def _path_length(self) -> int:

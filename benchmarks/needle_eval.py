@@ -5,9 +5,14 @@
 
 For each model with ``<checkpoints>/<model>.pt``: runs it (``engines.infer.run``) on every
 ``test`` slide of ``DIR/manifest.csv`` and prints ``{"models": {NAME: {"accuracy", "auroc",
-"localisation", "train_minutes", ...}}}``. ``localisation`` is the mean over positive test
-slides of ``engines.evaluate.localisation`` against ``DIR/needles.json`` (1 = chance);
-``train_minutes`` comes from the ``<model>.json`` that ``benchmarks/train_demos.py`` writes.
+"auroc_ci95", "ratio", "dice", "train_minutes", ...}}}``. ``auroc`` is scikit-learn's, with a
+seeded bootstrap 95 % interval over slides. ``ratio`` and ``dice`` are the median, IQR and
+seeded bootstrap 95 % interval of the median over positive slides of
+``engines.evaluate.score_attention``: the attention-in-annotation ratio within the slide's
+tissue (1 = chance for attention spread evenly over the tissue) against the slide's "Tumor"
+annotations (``DIR/<stem>.geojson`` as ``maglens synth`` writes them; sets made before that
+fall back to the rectangles of ``DIR/needles.json``). ``train_minutes`` comes from the
+``<model>.json`` that ``benchmarks/train_demos.py`` writes.
 """
 from __future__ import annotations
 
@@ -26,21 +31,31 @@ import torch  # noqa: E402
 from engines import infer, registry  # noqa: E402
 from engines.checkpoint import model_from_checkpoint  # noqa: E402
 from engines.data import read_manifest  # noqa: E402
-from engines.evaluate import localisation  # noqa: E402
+from engines.annotations import annotations_for_slide  # noqa: E402
+from engines.evaluate import auroc_ci, needle_annotations, score_attention, summarise  # noqa: E402
 from engines.slide import Slide  # noqa: E402
-from engines.train import auroc  # noqa: E402
+from engines.tissue import tissue_of_slide  # noqa: E402
+
+
+def slide_annotations(data_dir: Path, slide_path: str | Path, needles: dict) -> list:
+    """The slide's annotations: its GeoJSON when the set has one, else its needle rectangles."""
+    found = annotations_for_slide(data_dir, slide_path)
+    if found is not None:
+        return list(found)
+    return needle_annotations(needles.get(Path(slide_path).name, []))
 
 
 def evaluate(name: str, ckpt: Path, data_dir: Path, positive: str = "tumor",
              split: str = "test") -> dict:
     data = read_manifest(data_dir / "manifest.csv")
-    needles = json.loads((data_dir / "needles.json").read_text())
+    needles_file = data_dir / "needles.json"
+    needles = json.loads(needles_file.read_text()) if needles_file.exists() else {}
     model = model_from_checkpoint(ckpt, expect_model=name)
     classes = list(model.classes)
     if positive not in classes:
         raise SystemExit(f"{ckpt}: classes {classes} have no {positive!r}")
     pos = classes.index(positive)
-    scores, labels, correct, loc = [], [], 0, []
+    scores, labels, correct, ratios, dices = [], [], 0, [], []
     t0 = time.perf_counter()
     test = data.samples if split == "all" else data.split(split)
     for i, sample in enumerate(test):
@@ -48,23 +63,28 @@ def evaluate(name: str, ckpt: Path, data_dir: Path, positive: str = "tumor",
         slide = Slide(sample.path)
         try:
             trace = infer.run(model, slide)
+            label = int(sample.label == positive)
+            anns = slide_annotations(data_dir, sample.path, needles) if label else []
+            tissue = tissue_of_slide(slide) if anns else None
         finally:
             slide.close()
-        label = int(sample.label == positive)
         scores.append(trace.probs[pos])
         labels.append(label)
         correct += int((int(np.argmax(trace.probs)) == pos) == bool(label))
-        rects = needles.get(Path(sample.path).name, [])
-        if label and rects:
-            value = localisation(trace, rects)
-            if value is not None:
-                loc.append(value)
+        if tissue is not None:
+            score = score_attention(trace, anns, tissue, "Tumor")
+            if score is not None:
+                ratios.append(score.ratio)
+                dices.append(score.dice)
     info_file = ckpt.with_suffix(".json")
     info = json.loads(info_file.read_text()) if info_file.exists() else {}
+    auc, auc_ci = auroc_ci(scores, labels, seed=0)
     return {
         "accuracy": round(correct / max(1, len(test)), 3),
-        "auroc": round(auroc(scores, labels), 3),
-        "localisation": round(float(np.mean(loc)), 2) if loc else None,
+        "auroc": round(auc, 3) if auc is not None else None,
+        "auroc_ci95": [round(auc_ci[0], 3), round(auc_ci[1], 3)] if auc_ci else None,
+        "ratio": summarise(ratios, seed=0),
+        "dice": summarise(dices, seed=0),
         "train_minutes": info.get("train_minutes"),
         "epochs": (sum(st.get("epochs_done", 0) for st in info["stages"]) if "stages" in info
                    else info.get("epochs_done")),
@@ -84,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="rows to evaluate (default test; 'all' for a set no model trained on, "
                         "e.g. to choose between candidates on more slides than a val split)")
     a = p.parse_args(argv)
-    if not (a.data / "manifest.csv").exists() or not (a.data / "needles.json").exists():
-        p.error(f"{a.data} has no manifest.csv and needles.json (make it with maglens synth)")
+    if not (a.data / "manifest.csv").exists():
+        p.error(f"{a.data} has no manifest.csv (make it with maglens synth)")
     torch.set_num_threads(a.threads)
     out: dict = {"data": str(a.data), "split": a.split, "models": {}}
     for name in [m.strip() for m in a.models.split(",") if m.strip()]:

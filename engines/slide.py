@@ -30,6 +30,7 @@ Rect = tuple[float, float, float, float]
 ReadCheck = Callable[[], None]
 
 log = logging.getLogger(__name__)
+_U32_PTR = ctypes.POINTER(ctypes.c_uint32)
 
 BACKGROUND = (255, 255, 255)
 # Plain images are decoded whole; refuse ones that would not fit comfortably in memory.
@@ -415,7 +416,10 @@ class _OpenSlideBackend:
         if self._c_read is None or handle is None:  # openslide-python without that entry point
             return pack_xrgb(self.read(level, x, y, w, h))
         buf = np.empty((h, w), np.uint32)
-        ptr = buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint32))
+        # The address straight from the array interface: ``ndarray.ctypes`` imports a numpy
+        # module on use, and an import from a reading thread goes through Qt's import hook
+        # (PySide replaces ``builtins.__import__``) on every tile.
+        ptr = ctypes.cast(buf.__array_interface__["data"][0], _U32_PTR)
         self._call(lambda: self._c_read(handle, ptr, x, y, level, w, h))
         return buf
 

@@ -6,7 +6,9 @@ with a raised-cosine window, so no tile grid shows. Which tissue class appears w
 smooth random field, so regions of one tissue form as in a real section. The tissue outline is
 an irregular blob on white glass. Positive slides carry 1 to 3 tumour-texture needles with
 irregular outlines that together cover 0.1 % to 1 % of the tissue. Only slide-level labels are
-meant for training; masks and needle rectangles are for evaluation.
+meant for training; masks and needle rectangles are for evaluation. Each slide's needle
+rectangles are also written as QuPath GeoJSON annotations of class "Tumor" (``<stem>.geojson``,
+an empty collection for a normal slide), so the synthetic sets exercise the annotation path.
 
 Writes pyramidal JPEG tiled TIFFs (OpenSlide "generic-tiff") with resolution tags, so mpp is
 known; pyvips does the pyramid because it streams levels without holding them all.
@@ -23,6 +25,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageFilter
 
+from engines.annotations import rect_annotation, write_geojson
 from engines.data import stratified_split
 from engines.resources import resource_path
 
@@ -216,7 +219,8 @@ def write_pyramid_tiff(path: Path, img: np.ndarray, mpp: float, quality: int = 9
 
 def generate(out: str | Path, slides: int = 20, seed: int = 0, cfg: SynthConfig | None = None,
              on_progress: Callable[[int, int, str], None] | None = None) -> list[SynthSlide]:
-    """Write ``slides`` synthetic slides, masks, ``manifest.csv`` and ``needles.json`` to ``out``."""
+    """Write ``slides`` synthetic slides, masks, needle annotations (``<stem>.geojson``),
+    ``manifest.csv`` and ``needles.json`` to ``out``."""
     cfg = cfg or SynthConfig()
     if slides < 2:
         raise ValueError("need at least 2 slides (one of each class)")
@@ -237,6 +241,8 @@ def generate(out: str | Path, slides: int = 20, seed: int = 0, cfg: SynthConfig 
         img, mask, rects = make_slide_image(srng, cfg, textures, positive=label == "tumor")
         write_pyramid_tiff(out / name, img, cfg.mpp, cfg.jpeg_quality)
         Image.fromarray(mask).save(out / f"synth_{i:03d}_mask.png", optimize=True)
+        write_geojson(out / f"synth_{i:03d}.geojson",
+                      [rect_annotation(r, "Tumor", f"needle {k}") for k, r in enumerate(rects)])
         made.append(SynthSlide(name, label, split, rects))
     with open(out / "manifest.csv", "w", newline="") as fh:
         w = csv.writer(fh)

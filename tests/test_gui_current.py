@@ -357,3 +357,33 @@ def test_recent_checkpoints_of_older_versions_are_filed_by_model(qtbot, qsetting
         assert not listed("magnet") and not listed("grid_attention")
     finally:
         w.close()
+
+
+def test_a_trace_comes_back_where_its_path_was_left(qtbot, window, fake):
+    choose(window, "fake")
+    layers = run_and_wait(qtbot, window)
+    panel = window.models_panel
+    qtbot.keyClick(window.canvas, Qt.Key.Key_BracketRight)
+    qtbot.keyClick(window.canvas, Qt.Key.Key_BracketRight)
+    label, depth = panel.path_label.text(), layers.fields.focus_depth
+    assert label.startswith("2 / ") and depth is not None
+    panel.model_combo.setCurrentText("magnet")
+    assert panel.path_label.text() == "—"
+    panel.model_combo.setCurrentText("fake")
+    # The highlighted stop and the label agree, and ] goes on from there.
+    assert panel.path_label.text() == label and layers.fields.focus_depth == depth
+    qtbot.keyClick(window.canvas, Qt.Key.Key_BracketRight)
+    assert panel.path_label.text().startswith("3 / ")
+
+
+def test_the_status_bar_drops_the_previous_models_and_slides_message(qtbot, window, fake):
+    choose(window, "fake")
+    run_and_wait(qtbot, window)
+    bar = window.statusBar()
+    assert bar.currentMessage().startswith("fake:")  # the run's result
+    window.models_panel.model_combo.setCurrentText("magnet")
+    assert bar.currentMessage() == ""
+    window.models_panel.model_combo.setCurrentText("fake")
+    window.inference.status.emit("fake: tumor (0.9)")
+    open_and_wait(qtbot, window, NO_MPP_SLIDE)
+    assert "fake" not in bar.currentMessage()

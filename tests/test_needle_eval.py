@@ -48,4 +48,9 @@ def test_scores_the_rows_of_the_split_asked_for(needle_set, split):
     assert got["slides"] == len(expected)
     assert got["positives"] == sum(s.label == "tumor" for s in expected)
     assert 0.0 <= got["accuracy"] <= 1.0
+    # the tissue-relative ratio and Dice against the slides' Tumor annotations: median, IQR, CI
+    for key in ("ratio", "dice"):
+        assert set(got[key]) == {"median", "iqr", "ci95", "n"}
+        assert got[key]["n"] == got["positives"]
+    assert got["auroc_ci95"] is None or got["auroc_ci95"][0] <= got["auroc"] <= got["auroc_ci95"][1]
     assert "no checkpoint" in out["models"]["magnet"]["error"]

@@ -8,10 +8,14 @@ until the deadline, and whatever is still running (a read stuck in a C call) is 
 process. The process waits a bounded time for such stragglers when the application quits
 (``aboutToQuit``); at interpreter exit every pool is shut down with one bounded wait, and the
 process then exits normally even if a worker is still stuck.
+
+A pool's lock guards its queue and counters only: no thread is started, and no job runs,
+while it is held, so a GUI thread queuing work never waits on anything a worker is doing.
 """
 from __future__ import annotations
 
 import atexit
+import gc
 import itertools
 import logging
 import threading
@@ -45,6 +49,7 @@ class WorkerPool:
         self._workers: set[threading.Thread] = set()
         self._idle = 0
         self._active = 0
+        self._starting = 0  # threads asked to start that have not registered in _workers yet
         self._closed = False
         with _pools_lock:
             _pools.add(self)
@@ -78,13 +83,27 @@ class WorkerPool:
             self._queue.append(fn)
             if self._idle > 0:
                 self._cv.notify()
-            # Idle workers take one job each; start another worker for the rest.
-            if len(self._queue) > self._idle and len(self._workers) < self.threads:
-                t = threading.Thread(target=self._run, name=f"maglens-{self.name}-{next(_ids)}",
-                                     daemon=True)
-                self._workers.add(t)
-                t.start()
-            return True
+            # Idle workers (and those starting) take one job each; start another for the rest.
+            spawn = (len(self._queue) > self._idle + self._starting
+                     and len(self._workers) + self._starting < self.threads)
+            if spawn:
+                self._starting += 1
+        if spawn:
+            # Never under the lock: Thread.start blocks until the new thread runs, and while
+            # it waits every worker finishing a job waits too, for this lock.
+            self._spawn()
+        return True
+
+    def _spawn(self) -> None:
+        t = threading.Thread(target=self._run, name=f"maglens-{self.name}-{next(_ids)}",
+                             daemon=True)
+        try:
+            t.start()
+        except BaseException:  # no thread (the OS refused one): the job waits for the next
+            with self._cv:
+                self._starting -= 1
+                self._cv.notify_all()
+            raise
 
     def clear(self) -> int:
         """Drop queued jobs that have not started; how many were dropped."""
@@ -127,6 +146,9 @@ class WorkerPool:
 
     def _run(self) -> None:
         me = threading.current_thread()
+        with self._cv:
+            self._starting -= 1
+            self._workers.add(me)
         while True:
             with self._cv:
                 while not self._queue and not self._closed:
@@ -233,6 +255,48 @@ def stop_all(timeout_s: float = EXIT_WAIT_S) -> bool:
     return ok
 
 
+_gc_timer = None  # the GUI-thread timer that runs the cyclic garbage collector
+GC_INTERVAL_MS = 200
+
+
+def _collect_garbage_on_gui_thread() -> None:
+    """Run Python's cyclic garbage collector on the GUI thread only. Left automatic, it runs
+    in whichever thread happens to allocate: a worker then destroys Qt objects that were part
+    of a reference cycle. Such a destructor takes Qt's connection lock with the interpreter
+    lock released, then waits for the interpreter lock, while the GUI thread holds that and
+    waits for Qt's lock (to connect a signal): both hang for good. So automatic collection is
+    switched off and a timer on the GUI thread collects with the interpreter's own thresholds."""
+    global _gc_timer
+    carrier = _carrier
+    if _gc_timer is not None or carrier is None or carrier.thread() is not _current_qthread():
+        return
+    from PySide6.QtCore import QTimer
+
+    timer = QTimer(carrier)
+    timer.setInterval(GC_INTERVAL_MS)
+    timer.timeout.connect(collect_garbage)
+    timer.start()
+    _gc_timer = timer
+    gc.disable()
+
+
+def _current_qthread():
+    from PySide6.QtCore import QThread
+
+    return QThread.currentThread()
+
+
+def collect_garbage() -> int:
+    """One collection step on the GUI thread: the youngest generation whenever anything was
+    allocated, older ones as their thresholds say (as the interpreter would). Returns how many
+    objects were collected."""
+    counts, limits = gc.get_count(), gc.get_threshold()
+    if counts[0] <= 0:
+        return 0
+    generation = 2 if counts[2] > limits[2] else 1 if counts[1] > limits[1] else 0
+    return gc.collect(generation)
+
+
 _hooked_app: "weakref.ref | None" = None
 
 
@@ -246,10 +310,13 @@ def _hook_application_quit() -> None:
     except ImportError:  # pragma: no cover - PySide6 is a dependency of the viewer
         return
     app = QCoreApplication.instance()
-    if app is None or (_hooked_app is not None and _hooked_app() is app):
+    if app is None:
+        return
+    _make_carrier()
+    _collect_garbage_on_gui_thread()  # until a pool is made on the GUI thread
+    if _hooked_app is not None and _hooked_app() is app:
         return
     _hooked_app = weakref.ref(app)
-    _make_carrier()
     app.aboutToQuit.connect(lambda: wait_for_stragglers())
     atexit.register(stop_all)
 
