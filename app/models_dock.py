@@ -13,6 +13,7 @@ from PySide6.QtWidgets import (
 )
 
 from app.checkpoint_info import CheckpointInfo, CheckpointInfoReader
+from app.settings import as_str_list
 from engines import registry
 from engines.resources import resource_path
 from viewer.overlays import colormaps
@@ -223,7 +224,7 @@ class ModelsPanel(QWidget):
         if self._settings is None:
             return []
         key = f"{_RECENT_KEY}/{model or self.model_combo.currentText()}"
-        return [v for v in _str_list(self._settings.value(key, [])) if Path(v).is_file()]
+        return [v for v in as_str_list(self._settings.value(key, [])) if Path(v).is_file()]
 
     def add_recent_checkpoint(self, path: str, model: str | None = None) -> None:
         """Remember ``path`` among ``model``'s checkpoints (its own model, read from the file,
@@ -249,7 +250,7 @@ class ModelsPanel(QWidget):
             return
         if not self._settings.contains(_LEGACY_RECENT_KEY):
             return
-        legacy = [p for p in _str_list(self._settings.value(_LEGACY_RECENT_KEY, [])) if Path(p).is_file()]
+        legacy = [p for p in as_str_list(self._settings.value(_LEGACY_RECENT_KEY, [])) if Path(p).is_file()]
         self._settings.remove(_LEGACY_RECENT_KEY)
         for p in legacy:
             self.add_recent_checkpoint(p)
@@ -495,14 +496,3 @@ class ModelsPanel(QWidget):
         self.trace_combo.setEnabled(bool(names))
         self.trace_combo.blockSignals(False)
 
-
-def _str_list(value) -> list[str]:
-    # QSettings gives a bare str for a one-item list in INI files, None when unset.
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value] if value else []
-    try:
-        return [str(v) for v in value if v]
-    except TypeError:
-        return []

@@ -32,7 +32,7 @@ class AppSettings:
     # -- recent files --------------------------------------------------------------------
     def recent_files(self) -> list[str]:
         """Most recent first; files that no longer exist are pruned (and forgotten)."""
-        stored = _as_str_list(self.qsettings.value(_RECENT_KEY, []))
+        stored = as_str_list(self.qsettings.value(_RECENT_KEY, []))
         alive = [p for p in stored if os.path.isfile(p)][:MAX_RECENT]
         if alive != stored:
             self._store_recent(alive)
@@ -95,7 +95,7 @@ def _display_key(path: str | os.PathLike) -> str:
     return f"{_DISPLAY_GROUP}/{hashlib.sha1(full.encode('utf-8')).hexdigest()[:20]}"
 
 
-def _as_str_list(value) -> list[str]:
+def as_str_list(value) -> list[str]:
     # QSettings returns a bare str for a one-element list in INI files, None when unset.
     if value is None:
         return []

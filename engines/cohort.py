@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from engines.data import ManifestError, _check_duplicates, _check_spelling, _parse, _Problems
+from engines.data import ManifestError, parse_manifest_rows
 from engines.trace import write_atomic
 
 # What a folder of slides is scanned for: the viewer's Open dialog's formats.
@@ -87,14 +87,7 @@ def read_manifest_cohort(path: str | os.PathLike) -> Cohort:
     no train split is fine (a held-out test cohort), and a missing or unreadable slide file is
     not a manifest problem: that slide gets an error row and the others still run."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ManifestError([f"{path}: cannot be read ({exc})"]) from None
-    problems = _Problems()
-    rows, _warnings = _parse(text, path, problems)
-    _check_duplicates(rows, problems)
-    _check_spelling(rows, problems)
+    rows, _warnings, problems = parse_manifest_rows(path)
     if not rows and not problems:
         problems.whole(f"{path.name}: no slides listed")
     if problems:

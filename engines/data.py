@@ -106,6 +106,22 @@ class _Problems:
         return [t for _, t in sorted(self._rows, key=lambda rt: rt[0])] + self._whole
 
 
+def parse_manifest_rows(path: str | Path):
+    """The rows of a manifest with the checks that need no slide opened (fields, splits, the
+    same slide twice, labels differing only by case or spaces): ``(rows, warnings,
+    problems)``. Training (``read_manifest``) and cohort inference both start here."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ManifestError([f"{path}: cannot be read ({exc})"]) from None
+    problems = _Problems()
+    rows, warnings = _parse(text, path, problems)
+    _check_duplicates(rows, problems)
+    _check_spelling(rows, problems)
+    return rows, warnings, problems
+
+
 def read_manifest(path: str | Path, seed: int = 0, check_slides: bool = True,
                   classes: list[str] | None = None,
                   fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
@@ -116,14 +132,7 @@ def read_manifest(path: str | Path, seed: int = 0, check_slides: bool = True,
     them and raises CheckCancelled). Warnings (extra columns) are returned in
     ``Dataset.warnings`` and logged once per process as ``warning: ...``."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ManifestError([f"{path}: cannot be read ({exc})"]) from None
-    problems = _Problems()
-    rows, warnings = _parse(text, path, problems)
-    _check_duplicates(rows, problems)
-    _check_spelling(rows, problems)
+    rows, warnings, problems = parse_manifest_rows(path)
     _check_files(rows, problems, check_slides, cancel)
     found = sorted({r.label for r in rows if r.label})
     if classes is None:

@@ -59,6 +59,7 @@ import torch
 import torch.distributed as dist
 
 from engines import registry
+from engines.checkpoint import checkpoint_sha256
 from engines.data import Dataset, Sample, read_manifest
 from engines.devices import dist_backend, local_rank, resolve_device
 from engines.sampling import Orientation, SlideView
@@ -309,11 +310,7 @@ def _fault_point(name: str) -> None:
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return checkpoint_sha256(path)  # one streaming sha256 of a file, for manifests too
 
 
 def split_sha256(samples: list[Sample]) -> str:
