@@ -130,6 +130,18 @@ def _polygon(shell: np.ndarray, holes: Sequence[np.ndarray]) -> Polygon | None:
     return Polygon(shell, holes)
 
 
+def _assemble(geoms: list, meta: list[tuple], skipped: int, source: str) -> "AnnotationSet":
+    """Annotations from outlines and their (class, colour, name, properties); outlines with
+    no area left after repair count as skipped."""
+    out = []
+    for g, (cls, color, name, rest) in zip(_finish(geoms), meta):
+        if g is None:
+            skipped += 1
+            continue
+        out.append(Annotation(g, cls, color, name, rest))
+    return AnnotationSet(out, skipped, source)
+
+
 def _finish(polys: list[Polygon | MultiPolygon]) -> list[Polygon | MultiPolygon | None]:
     """Repair invalid outlines (vectorised validity test; ``make_valid`` only where needed)
     and keep the polygonal part; None where nothing with area is left."""
@@ -258,13 +270,7 @@ def parse_geojson(data: Any, where: str = "GeoJSON") -> AnnotationSet:
         rest = {k: v for k, v in props.items() if k not in ("classification", "name", "objectType", "color")}
         geoms.append(polys[0] if len(polys) == 1 else MultiPolygon(polys))
         meta.append((name, color, str(label) if label is not None else None, rest))
-    out = []
-    for g, (cls, color, label, rest) in zip(_finish(geoms), meta):
-        if g is None:
-            skipped += 1
-            continue
-        out.append(Annotation(g, cls, color, label, rest))
-    return AnnotationSet(out, skipped, where)
+    return _assemble(geoms, meta, skipped, where)
 
 
 def read_geojson(path: str | os.PathLike) -> AnnotationSet:
@@ -345,13 +351,7 @@ def read_asap_xml(path: str | os.PathLike) -> AnnotationSet:
         color = _hex_color(ann.get("Color")) or group_colors.get(group or "")
         geoms.append(poly)
         meta.append((group, color, ann.get("Name"), {"asap_type": kind} if kind != "Polygon" else {}))
-    out = []
-    for g, (cls, color, name, rest) in zip(_finish(geoms), meta):
-        if g is None:
-            skipped += 1
-            continue
-        out.append(Annotation(g, cls, color, name, rest))
-    return AnnotationSet(out, skipped, str(path))
+    return _assemble(geoms, meta, skipped, str(path))
 
 
 # ---------------------------------------------------------------------------------------

@@ -49,3 +49,21 @@ def truncated_svs(tmp_path) -> Path:
     out = tmp_path / "truncated.svs"
     out.write_bytes(data[: len(data) // 3])
     return out
+
+
+def skip_without_localhost_ddp() -> None:
+    """Skip a torchrun test where torch.distributed or a localhost socket is missing."""
+    import socket
+
+    import torch.distributed as dist
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            s.listen(1)
+        listening = True
+    except OSError:
+        listening = False
+    if not dist.is_available() or not listening:
+        pytest.skip("torch.distributed or a localhost socket is not available here")
+

@@ -8,7 +8,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 from PIL import Image
 
 from app import cli
-from tests.conftest import ROOT
+from tests.conftest import ROOT, skip_without_localhost_ddp
 
 MODEL = "zoom_in"  # tiny preset: a training step on a 1024 px slide takes well under a second
 SLIDES = 6  # 2 train, 2 val, 2 test with the synthetic split
@@ -209,21 +208,10 @@ def test_train_bad_arguments(synth, tmp_path, capsys, args, words):
     assert not (tmp_path / "run").exists()
 
 
-def _can_listen_on_localhost() -> bool:
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
-            s.listen(1)
-        return True
-    except OSError:
-        return False
 
 
 def test_train_under_torchrun_with_two_processes(synth, tmp_path):
-    import torch.distributed as dist
-
-    if not dist.is_available() or not _can_listen_on_localhost():
-        pytest.skip("torch.distributed or a localhost socket is not available here")
+    skip_without_localhost_ddp()
     run = tmp_path / "ddp"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     env.pop("MAGLENS_DEBUG", None)

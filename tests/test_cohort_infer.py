@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from app import cli
-from tests.conftest import ROOT
+from tests.conftest import ROOT, skip_without_localhost_ddp
 
 MODEL = "zoom_in"
 
@@ -166,22 +166,10 @@ def test_a_killed_run_resumes_and_ends_like_an_uninterrupted_one(cohort, one_run
     assert sorted(p.name for p in out.rglob("*")) == sorted(p.name for p in ref.rglob("*"))
 
 
-def _can_listen_on_localhost() -> bool:
-    import socket
-
-    try:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-        return True
-    except OSError:
-        return False
 
 
 def test_two_torchrun_processes_give_the_outputs_of_one(cohort, one_run, tmp_path):
-    import torch.distributed as dist
-
-    if not dist.is_available() or not _can_listen_on_localhost():
-        pytest.skip("torch.distributed or a localhost socket is not available here")
+    skip_without_localhost_ddp()
     one = one_run[0]
     two = tmp_path / "two"
     proc = subprocess.run(

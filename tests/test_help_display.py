@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PySide6.QtCore import QSettings, QStandardPaths, Qt
 from PySide6.QtGui import QAction, QImage, QKeySequence
-from PySide6.QtWidgets import QFileDialog, QMessageBox
 
 from engines.slide import Slide
 from tests.conftest import DATA, DEMO_SLIDE
+from tests.test_main_window import dialogs  # noqa: F401 - fixture
 from viewer.display_adjust import DisplayAdjust
 
 OPEN_TIMEOUT_MS = 20_000
@@ -35,25 +35,6 @@ def _sandboxed_settings(tmp_path_factory):
 @pytest.fixture
 def settings_file(tmp_path) -> Path:
     return tmp_path / "maglens.ini"
-
-
-@pytest.fixture
-def dialogs(monkeypatch) -> list[tuple[str, str]]:
-    shown: list[tuple[str, str]] = []
-
-    def record(_parent, title, text, *args, **kwargs):
-        shown.append((str(title), str(text)))
-        return QMessageBox.StandardButton.Ok
-
-    for name in ("critical", "warning", "information"):
-        monkeypatch.setattr(QMessageBox, name, record)
-
-    def no_file_dialog(*_args, **_kwargs):
-        raise AssertionError("an unpatched file dialog was opened")
-
-    monkeypatch.setattr(QFileDialog, "getOpenFileName", no_file_dialog)
-    monkeypatch.setattr(QFileDialog, "getSaveFileName", no_file_dialog)
-    return shown
 
 
 def make_window(qtbot, settings_file: Path):

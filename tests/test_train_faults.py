@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 import torch
 
 from engines import registry
-from tests.conftest import ROOT
+from tests.conftest import ROOT, skip_without_localhost_ddp
 
 
 def unreadable_copy(src: Path, dst: Path) -> Path:
@@ -51,21 +50,10 @@ def write_manifest(path: Path, rows: list[tuple[str, str, str]]) -> Path:
     return path
 
 
-def _can_listen_on_localhost() -> bool:
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
-            s.listen(1)
-        return True
-    except OSError:
-        return False
 
 
 def test_a_slide_failing_on_one_rank_is_skipped_by_every_rank(slides, tmp_path):
-    import torch.distributed as dist
-
-    if not dist.is_available() or not _can_listen_on_localhost():
-        pytest.skip("torch.distributed or a localhost socket is not available here")
+    skip_without_localhost_ddp()
     src, made = slides
     normal = [n for n, l in made if l == "normal"]
     tumor = [n for n, l in made if l == "tumor"]
