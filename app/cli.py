@@ -536,14 +536,29 @@ def _print_cohort_summary(summary: dict, counts: dict, failed: list, out: Path) 
 # ---------------------------------------------------------------------------------------
 # train
 # ---------------------------------------------------------------------------------------
-def positive_float(text: str) -> float:
+def _finite(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (math.isfinite(value) and value > 0):
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = _finite(text)
+    if not value > 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be a positive number")
     return value
+
+
+def nonnegative_float(text: str) -> float:
+    value = _finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a number of 0 or more")
+    return value
+
 
 
 def _configure_train(p: argparse.ArgumentParser) -> None:
@@ -552,7 +567,8 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("manifest", help="CSV with slide,label[,split] (paths relative to it)")
     p.add_argument("--model", required=True, help="model name")
     p.add_argument("--preset", default=None, help="model preset (default tiny; a resume keeps the run's)")
-    p.add_argument("--epochs", type=positive_int, default=10, metavar="N", help="epochs (default 10)")
+    p.add_argument("--epochs", type=positive_int, default=None, metavar="N",
+                   help="epochs (default: the preset's recipe, 10 for tiny; a resume keeps the run's)")
     p.add_argument("--out", default="runs/train", metavar="DIR",
                    help="run folder for checkpoints and metrics (default runs/train); "
                         "one run at a time may use it")
@@ -561,7 +577,16 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init", metavar="CHECKPOINT", help="fine-tune from these weights")
     p.add_argument("--freeze-backbone", action="store_true", default=None,
                    help="train only the layers after the backbone")
-    p.add_argument("--lr", type=positive_float, default=1e-3, help="learning rate (default 0.001)")
+    p.add_argument("--lr", type=positive_float, default=None,
+                   help="learning rate (default: the preset's recipe, 0.001 for tiny)")
+    p.add_argument("--weight-decay", type=nonnegative_float, default=None, metavar="W",
+                   help="weight decay (default: the preset's recipe)")
+    from engines.recipes import SCHEDULERS  # no torch: the parser stays quick
+
+    p.add_argument("--scheduler", choices=SCHEDULERS, default=None,
+                   help="learning-rate schedule (default: the preset's recipe, cosine for tiny)")
+    p.add_argument("--clip", type=nonnegative_float, default=None, metavar="NORM",
+                   help="clip the gradient norm (default: the preset's recipe; 0: no clip)")
     p.add_argument("--accumulation", "--batch", type=positive_int, dest="accumulation", metavar="N",
                    help="slides per optimiser step (gradient accumulation; default: the preset's)")
     p.add_argument("--seed", type=seed_int, default=None,
@@ -689,7 +714,8 @@ def _train_config(args: argparse.Namespace):
     from engines.train import TrainConfig, resume_config
 
     cfg = TrainConfig(manifest=args.manifest, model=args.model, preset=args.preset, out=args.out,
-                      epochs=args.epochs, lr=args.lr, accumulation=args.accumulation, seed=args.seed,
+                      epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
+                      scheduler=args.scheduler, clip=args.clip, accumulation=args.accumulation, seed=args.seed,
                       resume=args.resume, init=args.init, freeze_backbone=args.freeze_backbone,
                       threads=args.threads, device=args.device,
                       overrides=backbone_overrides(args.model, args.preset, args.backbone_weights))
@@ -756,7 +782,7 @@ def _train(args: argparse.Namespace, cfg, rank: int, world: int) -> int:
             m = event.metrics
             shown = "  ".join(f"{k} {m[k]:.4g}" for k in
                               ("train_loss", "val_loss", "val_accuracy", "val_auroc", "lr") if k in m)
-            print(f"epoch {int(m.get('epoch', event.epoch))}/{cfg.epochs}: {shown}"
+            print(f"epoch {int(m.get('epoch', event.epoch))}/{event.epochs}: {shown}"
                   + ("  (best)" if event.best else ""), flush=True)
         elif isinstance(event, LogEvent) and not event.message.startswith("epoch "):
             # Epoch summaries are logged too; the EpochEvent line above already shows them.
@@ -807,7 +833,9 @@ def _resume_command(args: argparse.Namespace, world: int) -> str:
 
     launcher = f"torchrun --nproc_per_node={world} -m app" if world > 1 else PROG
     parts = [launcher, "train", shlex.quote(str(args.manifest)), "--model", shlex.quote(args.model),
-             "--out", shlex.quote(str(args.out)), "--epochs", str(args.epochs), "--resume"]
+             "--out", shlex.quote(str(args.out)), "--resume"]
+    if args.epochs is not None:
+        parts[-1:-1] = ["--epochs", str(args.epochs)]
     return " ".join(parts)
 
 

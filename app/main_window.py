@@ -90,6 +90,7 @@ class MainWindow(QMainWindow):
         self._build_status_bar()
         self._build_menus()
         self._connect_canvas()
+        # Features that add their own docks, menus and actions (one install line each).
         self._restore_layout()
         self._update_actions()
         if model:

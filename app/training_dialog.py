@@ -26,6 +26,7 @@ from PySide6.QtWidgets import (
 from app.engine import EngineThread
 from engines import registry
 from engines.data import CheckCancelled, Dataset, ManifestError, read_manifest
+from engines.recipes import SCHEDULERS, recipe_for
 from engines.runlock import lock_holder
 from viewer.workers import WorkerPool
 
@@ -161,6 +162,29 @@ class TrainingDialog(QDialog):
         self.accum = QSpinBox()
         self.accum.setRange(0, 256)
         self.accum.setSpecialValueText("model default")
+        self.weight_decay = QDoubleSpinBox()
+        self.weight_decay.setDecimals(7)
+        self.weight_decay.setRange(0.0, 1.0)
+        self.weight_decay.setSingleStep(1e-5)
+        self.scheduler = QComboBox()
+        self.scheduler.addItems(list(SCHEDULERS))
+        self.clip = QDoubleSpinBox()
+        self.clip.setRange(0.0, 1000.0)
+        self.clip.setSpecialValueText("none")
+        # The preset's recipe fills these; a value the user changes is theirs until they reset.
+        self.recipe_note = QLabel()
+        self.recipe_note.setWordWrap(True)
+        self.recipe_reset = QPushButton("Use the preset's recipe")
+        self.recipe_reset.clicked.connect(self.use_recipe)
+        self._recipe_fields = {"epochs": self.epochs, "lr": self.lr, "weight_decay": self.weight_decay,
+                               "scheduler": self.scheduler, "clip": self.clip, "accumulation": self.accum}
+        self.overridden: set[str] = set()
+        self._filling = False
+        for name, widget in self._recipe_fields.items():
+            signal = widget.currentTextChanged if isinstance(widget, QComboBox) else widget.valueChanged
+            signal.connect(lambda *_a, n=name: self._recipe_field_edited(n))
+        self.model_combo.currentTextChanged.connect(lambda _t: self.use_recipe(keep_user=True))
+        self.preset_combo.currentTextChanged.connect(lambda _t: self.use_recipe(keep_user=True))
         self.seed = QSpinBox()
         self.seed.setRange(0, 2**31 - 1)
         self.seed.valueChanged.connect(self._seed_changed)  # the split drawn depends on it
@@ -199,6 +223,12 @@ class TrainingDialog(QDialog):
         form.addRow("Epochs", self.epochs)
         form.addRow("Learning rate", self.lr)
         form.addRow("Accumulation", self.accum)
+        form.addRow("Weight decay", self.weight_decay)
+        form.addRow("LR schedule", self.scheduler)
+        form.addRow("Gradient clip", self.clip)
+        form.addRow(self.recipe_note)
+        form.addRow(self.recipe_reset)
+        self.use_recipe()
         form.addRow("Seed", self.seed)
         form.addRow("Device", self.device_combo)
         form.addRow("Output folder", orow)
@@ -396,12 +426,51 @@ class TrainingDialog(QDialog):
     def config(self):
         from engines.train import TrainConfig
 
+        # Only values the user changed are given; the rest come from the preset's recipe (or,
+        # on resume, from the run itself), so what the dialog shows is what trains.
+        mine = {name: value for name, value in self.recipe_values().items() if name in self.overridden}
         return TrainConfig(
             manifest=self.manifest_edit.text(), model=self.model_combo.currentText(),
-            preset=self.preset_combo.currentText(), out=self.out_edit.text(), epochs=self.epochs.value(),
-            lr=self.lr.value(), accumulation=self.accum.value() or None, seed=self.seed.value(),
+            preset=self.preset_combo.currentText(), out=self.out_edit.text(), seed=self.seed.value(),
             resume=self.resume.isChecked(), init=self.init_edit.text() or None,
-            freeze_backbone=self.freeze.isChecked(), device=self.device_combo.currentData() or "auto")
+            freeze_backbone=self.freeze.isChecked(), device=self.device_combo.currentData() or "auto",
+            **mine)
+
+    def recipe_values(self) -> dict:
+        """The schedule settings as shown, in TrainConfig's names."""
+        return {"epochs": self.epochs.value(), "lr": self.lr.value(),
+                "weight_decay": self.weight_decay.value(), "scheduler": self.scheduler.currentText(),
+                "clip": self.clip.value(), "accumulation": self.accum.value() or None}
+
+    def use_recipe(self, keep_user: bool = False) -> None:
+        """Show the chosen model preset's recipe; ``keep_user`` keeps values the user set."""
+        recipe = recipe_for(self.model_combo.currentText(), self.preset_combo.currentText())
+        if not keep_user:
+            self.overridden.clear()
+        values = {"epochs": recipe.epochs, "lr": recipe.lr, "weight_decay": recipe.weight_decay,
+                  "scheduler": recipe.scheduler, "clip": recipe.clip or 0.0,
+                  "accumulation": recipe.accumulation or 0}
+        self._filling = True
+        try:
+            for name, value in values.items():
+                if name in self.overridden:
+                    continue
+                widget = self._recipe_fields[name]
+                if isinstance(widget, QComboBox):
+                    widget.setCurrentText(value)
+                else:
+                    widget.setValue(value)
+        finally:
+            self._filling = False
+        note = f"Recipe: {recipe.summary()} ({recipe.source})."
+        if self.overridden:
+            note += " Changed by you: " + ", ".join(sorted(self.overridden)) + "."
+        self.recipe_note.setText(note)
+
+    def _recipe_field_edited(self, name: str) -> None:
+        if not self._filling:
+            self.overridden.add(name)
+            self.use_recipe(keep_user=True)  # refresh the note
 
     def start(self) -> int | None:
         from engines.devices import resolve_device
@@ -437,7 +506,7 @@ class TrainingDialog(QDialog):
 
         self.run_id = self.engine.submit(job)
         self._running(True)
-        self._log(f"Training {cfg.model}/{cfg.preset} for {cfg.epochs} epochs into {cfg.out} "
+        self._log(f"Training {cfg.model}/{cfg.preset} for {cfg.epochs or self.epochs.value()} epochs into {cfg.out} "
                   f"(device {cfg.device})")
         return self.run_id
 

@@ -147,7 +147,7 @@ RECIPES: dict[str, dict] = {
     # took 96 more unseen slides (seed 37; the comparison set here, as "extra1" now trains)
     # from 0.885 to 0.941 (0.934 with a 20-minute last stage). Not used: sub-tiles read at
     # 64 px (0.70 on "extra1"); a deeper sub-tile classifier (a third conv of 128 and a 64-d
-    # hidden layer, ``feature_channels`` / ``classifier_hidden``: 0.60 on "extra1", against
+    # hidden layer, options since removed: 0.60 on "extra1", against
     # 0.84 without, both before the "target" stage).
     "zoom_in": {"lr": 1e-3, "finetune_lr": 3e-4,
                 "overrides": {"contrastive_warmup": 10, "n_samples": 24, "s1": 1 / 16,
@@ -169,7 +169,7 @@ RECIPES: dict[str, dict] = {
     # slides instead of 12 (``val_sets``), two more variants stayed at chance from their first
     # target-size epoch on: a 128-d feature net (``small_width`` 16; 0.46-0.48 on those 108
     # over 10 epochs, 0.33 on the seed-37 slides, localisation 2.2), and that net with layer 1
-    # looking at the whole slide at 224 px from 448 (``first_input_px`` / ``first_source_px``,
+    # looking at the whole slide at 224 px from 448 (a sharper first layer, since removed;
     # a needle 5-18 localiser pixels): 0.76 on 2-6 % needles against 0.93 without, and 0.48-0.52
     # on 0.5-2 %.
     "magnet": {"lr": 5e-4, "finetune_lr": 1.5e-4,

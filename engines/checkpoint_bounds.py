@@ -31,8 +31,6 @@ KEY_BOUNDS: dict[str, tuple[float, float]] = {
     "patches": (1, 256),
     "input_px": (1, IMAGE_SIDE),
     "source_px": (1, 2 * IMAGE_SIDE),
-    "first_input_px": (0, IMAGE_SIDE),
-    "first_source_px": (0, 2 * IMAGE_SIDE),
     "final_px": (1, IMAGE_SIDE),
     "final_source_px": (1, 2 * IMAGE_SIDE),
     "kernel_sizes": (1, 63),
@@ -62,7 +60,6 @@ KEY_BOUNDS: dict[str, tuple[float, float]] = {
     "n_samples": (1, 10_000),
     "attention_channels": (1, WIDTH),
     "feature_channels": (1, WIDTH),
-    "classifier_hidden": (0, WIDTH),
     "contrastive_warmup": (0, 1 << 20),  # epochs
     "stage1_band_pixels": (1, 1 << 26),
     "stage1_read_pixels": (1, 1 << 28),

@@ -65,6 +65,13 @@ class SlideView:
         # inside the decode of a whole single-level slide.
         self.check: ReadCheck | None = check
 
+    def use_grey_filter(self, on: bool = True) -> None:
+        """Turn the grey filter on or off for later reads (a model whose paper filters grey
+        asks for it itself); cached overviews read the other way are dropped."""
+        if bool(on) != self.grey_filter:
+            self.grey_filter = bool(on)
+            self._thumbs.clear()
+
     # -- geometry --------------------------------------------------------------------------
     @property
     def bounds(self) -> Rect:

@@ -3,7 +3,8 @@ the app's training dialog, ``maglens train`` and ``torchrun -m app train`` (DDP)
 
 Each model owns its losses (``SlideModel.training_step``); this module owns the loop: one slide
 per step with gradient accumulation, flips/quarter turns as augmentation, class weights,
-validation each epoch (loss, accuracy, AUROC), cosine annealing, atomic ``last``/``best``
+validation each epoch (loss, accuracy, AUROC), the preset's learning-rate schedule
+(``engines.recipes``: the paper's for ``paper`` presets), gradient clipping, atomic ``last``/``best``
 checkpoints, resume, cancel and pause.
 
 Devices: ``TrainConfig.device`` ("auto", "cpu", "cuda", "cuda:N"; see ``engines.devices``)
@@ -61,6 +62,7 @@ import torch.distributed as dist
 from engines import registry
 from engines.checkpoint import checkpoint_sha256
 from engines.data import Dataset, Sample, read_manifest
+from engines.recipes import SCHEDULERS
 from engines.devices import dist_backend, local_rank, resolve_device
 from engines.sampling import Orientation, SlideView
 from engines.slide import Slide, SlideError
@@ -75,14 +77,16 @@ class TrainConfig:
     model: str
     preset: str | None = "tiny"  # None: the run's own on resume, else tiny
     out: str = "runs/train"
-    epochs: int = 10
-    lr: float = 1e-3
-    weight_decay: float = 0.0
+    # None: the run's on resume, else the preset's recipe (engines.recipes); a value given wins.
+    epochs: int | None = None
+    lr: float | None = None
+    weight_decay: float | None = None
+    clip: float | None = None  # gradient-norm clip; 0 turns a recipe's clip off
     accumulation: int | None = None  # None: the run's on resume, else the model config's, else 1
     seed: int | None = None  # None: the run's on resume, else 0
     augment: bool = True
     class_weights: bool = True
-    scheduler: str = "cosine"  # "cosine" or "none"
+    scheduler: str | None = None  # one of engines.recipes.SCHEDULERS; None: the recipe's
     resume: bool = False
     init: str | None = None  # checkpoint to fine-tune from
     freeze_backbone: bool | None = None  # None: the run's on resume, else False
@@ -106,6 +110,7 @@ class EpochEvent:
     epoch: int
     metrics: dict[str, float]
     best: bool
+    epochs: int | None = None  # the run's planned epochs
 
 
 @dataclass
@@ -363,6 +368,58 @@ def _interned_keys(obj: Any) -> Any:
     return obj
 
 
+def fill_recipe(cfg: TrainConfig, model) -> TrainConfig:
+    """``cfg`` with every schedule setting it leaves open (None) taken from the recipe of the
+    model's preset (``engines.recipes``). A recipe's accumulation applies only when neither
+    the user nor the run set one; without either, the model config's applies as before."""
+    from engines.recipes import recipe_for
+
+    preset = str(getattr(model, "preset", None) or cfg.preset)  # a checkpoint's own preset
+    recipe = recipe_for(cfg.model, preset)
+    changes: dict[str, Any] = {"preset": preset}
+    for name in ("lr", "weight_decay", "scheduler", "epochs", "clip"):
+        if getattr(cfg, name) is None:
+            changes[name] = getattr(recipe, name)
+    if cfg.accumulation is None and recipe.accumulation:
+        changes["accumulation"] = recipe.accumulation
+    cfg = replace(cfg, **changes)
+    if cfg.scheduler not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {cfg.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+    return replace(cfg, clip=cfg.clip or None)
+
+
+def make_scheduler(opt, cfg: TrainConfig):
+    """The learning-rate schedule ``cfg.scheduler`` names, stepped once per epoch."""
+    from engines.recipes import Recipe, lr_factor, recipe_for
+
+    recipe = recipe_for(cfg.model, cfg.preset)
+    if cfg.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.epochs))
+    if cfg.scheduler == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=recipe.plateau_factor,
+                                                          patience=recipe.plateau_patience)
+    if cfg.scheduler == "step":
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=recipe.step_epochs, gamma=recipe.step_gamma)
+    if cfg.scheduler == "exp_restart":
+        # The restart rate is absolute (1e-4 in the paper), so the factor is taken for this lr.
+        shape = Recipe("adam", cfg.lr, 0.0, "exp_restart", 1, None, exp_gamma=recipe.exp_gamma,
+                       restart_epochs=recipe.restart_epochs, restart_lr=recipe.restart_lr)
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda e: lr_factor(shape, e))
+    return None
+
+
+def step_scheduler(sched, metrics: dict[str, float]) -> None:
+    """End of an epoch. A plateau schedule watches the validation accuracy (the training loss,
+    negated, when there is no validation split)."""
+    if sched is None:
+        return
+    if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        watched = metrics.get("val_accuracy")
+        sched.step(watched if watched is not None else -metrics.get("train_loss", 0.0))
+    else:
+        sched.step()
+
+
 def read_run_state(out: str | os.PathLike) -> dict[str, Any]:
     """The ``train`` dict of ``out/last.pt`` (``CheckpointError`` for a damaged file)."""
     from engines.checkpoint import load_checkpoint
@@ -379,7 +436,8 @@ def resume_config(cfg: TrainConfig, train_state: dict[str, Any] | None = None) -
         run["seed"] = tr["seed"]
     conflicts: list[str] = []
     changes: dict[str, Any] = {}
-    for name in ("seed", "accumulation", "threads", "freeze_backbone", "preset"):
+    for name in ("seed", "accumulation", "threads", "freeze_backbone", "preset", "lr", "weight_decay",
+                 "scheduler", "clip"):
         if name not in run:
             continue
         mine = getattr(cfg, name)
@@ -387,6 +445,8 @@ def resume_config(cfg: TrainConfig, train_state: dict[str, Any] | None = None) -
             changes[name] = run[name]
         elif mine != run[name]:
             conflicts.append(f"{name} {mine} differs from the run's {run[name]}")
+    if cfg.epochs is None and run.get("epochs") is not None:  # more epochs than the run's is fine
+        changes["epochs"] = run["epochs"]
     stored_dev = run.get("device")
     if stored_dev is not None:
         if cfg.device in (None, "auto"):
@@ -440,10 +500,9 @@ class Trainer:
         # Before the optimiser exists, so it holds the parameters on the device; a resumed
         # optimiser state (CPU tensors in the file) is then cast onto them by load_state_dict.
         model.to(self.device)
+        self.cfg = fill_recipe(self.cfg, model)
         opt = model.make_optimizer(self.cfg.lr, self.cfg.weight_decay)
-        sched = None
-        if self.cfg.scheduler == "cosine":
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.cfg.epochs))
+        sched = make_scheduler(opt, self.cfg)
         if resume_ckpt is not None:
             if resume_ckpt.get("optimizer"):
                 opt.load_state_dict(resume_ckpt["optimizer"])
@@ -552,6 +611,7 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         data = self._prepare_data(resume)
         model, opt, sched = self._build(data, resume)
+        cfg = self.cfg  # with the recipe's values filled in
         if resume is not None:  # the checkpoint's preset, also for files from before run state
             cfg = self.cfg = replace(cfg, preset=str(getattr(model, "preset", cfg.preset)))
         stored = dict((resume or {}).get("train") or {}).get("run") or {}
@@ -560,6 +620,8 @@ class Trainer:
                              f"resume it with as many (now {self.world})")
         accum = cfg.accumulation or int(getattr(model.config, "accumulation", 1) or 1)
         self.run_state.update(seed=cfg.seed, accumulation=accum, threads=torch.get_num_threads(),
+                              lr=cfg.lr, weight_decay=cfg.weight_decay, scheduler=cfg.scheduler,
+                              clip=cfg.clip, epochs=cfg.epochs,
                               device=device.type, world=self.world, freeze_backbone=cfg.freeze_backbone,
                               preset=str(getattr(model, "preset", cfg.preset)))
         if self.world > 1:  # every rank starts from rank 0's weights, as DDP would
@@ -653,6 +715,9 @@ class Trainer:
                 if (step + 1) % accum == 0 or step + 1 == steps:
                     if self.world > 1:
                         _average_gradients(model, self.world)
+                    if cfg.clip:  # after averaging, so every rank clips the same gradient
+                        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None],
+                                                       cfg.clip)
                     opt.step()
                     opt.zero_grad(set_to_none=True)
                 if not ok:
@@ -664,11 +729,10 @@ class Trainer:
                 eta = elapsed / done_steps * (total_steps - done_steps)
                 parts = {"loss": float(out.loss.detach()), **out.parts}
                 self._emit(StepEvent(epoch + 1, cfg.epochs, step + 1, steps, parts, eta))
-            if sched is not None:
-                sched.step()
-            metrics = {"epoch": float(epoch + 1), "train_loss": run_loss / max(n_loss, 1),
-                       "lr": float(opt.param_groups[0]["lr"])}
+            metrics = {"epoch": float(epoch + 1), "train_loss": run_loss / max(n_loss, 1)}
             metrics.update(self.evaluate(model, val_set, data))
+            step_scheduler(sched, metrics)
+            metrics["lr"] = float(opt.param_groups[0]["lr"])  # the rate the next epoch uses
             key = _selection_key(metrics)
             is_best = best is None or key > best
             if is_best:
@@ -684,7 +748,7 @@ class Trainer:
             self._save("last.pt", model, opt, sched, state)
             _fault_point(f"after-last@{epoch + 1}")
             self._write_metrics(history)
-            self._emit(EpochEvent(epoch + 1, metrics, is_best))
+            self._emit(EpochEvent(epoch + 1, metrics, is_best, cfg.epochs))
             self._log("epoch {}: ".format(epoch + 1) + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch"))
         return TrainResult(self.out, cfg.epochs, best, history, best_epoch=best_epoch(history))
 

@@ -324,7 +324,7 @@ def _check_trace(model, view, probs, events):
             fields[e.id] = e
         elif isinstance(e, AttentionMap):
             rows, cols = e.shape
-            side = cfg.first_input if e.group == "layer 1" else cfg.input_px
+            side = cfg.input_px
             assert (rows, cols) == (side, side)
             # The map lies exactly on a field it scored (the parent of the boxes it produced).
             assert any(
@@ -377,28 +377,6 @@ def test_paper_tree_with_three_patches_and_frozen_patch():
     assert model.localisers["1"].groups == 4
 
 
-def test_a_sharper_first_layer_sees_the_whole_view_at_its_own_size(demo_roi_view):
-    torch.manual_seed(0)
-    model = registry.create("magnet", "tiny", first_input_px=96, first_source_px=192)
-    assert model.config.first_input == 96 and model.config.first_source == 192
-    probs, events = _explain(model, demo_roi_view)
-    _check_trace(model, demo_roi_view, probs, events)  # layer-1 maps are 96 x 96, later ones 56
-    sides = {e.group: e.shape for e in events if isinstance(e, AttentionMap)}
-    assert sides["layer 1"] == (96, 96) and sides["layer 3"] == (56, 56)
-    # Layer 1 reads the view at first_source_px: the view field's magnification says so.
-    view_field = events[0]
-    assert view_field.magnification == pytest.approx(demo_roi_view.magnification_of(TISSUE_ROI[2], 192))
-    model.train()
-    out = model.training_step(demo_roi_view, 1)
-    out.loss.backward()
-    assert model.localisers["0"].score.weight.grad.abs().sum() > 0
-    # Unset, layer 1 looks as every other layer does (the presets' behaviour).
-    plain = registry.create("magnet", "tiny").config
-    assert (plain.first_input, plain.first_source) == (plain.input_px, plain.source_px)
-    with pytest.raises(ValueError, match="first_input_px"):
-        MagNetConfig(first_input_px=64, first_source_px=32)
-
-
 def test_explain_is_deterministic_and_on_a_roi(demo_roi_view):
     torch.manual_seed(0)
     model = registry.create("magnet", "tiny")
@@ -429,3 +407,33 @@ def test_cancellation_propagates(demo_roi_view):
     with pytest.raises(Cancelled):
         model.explain(demo_roi_view, emit)
     assert sum(isinstance(e, TrailStep) for e in seen) == 1
+
+
+def test_paper_grey_filter_is_on_and_whitens_grey_before_the_model_sees_it(tmp_path):
+    """Sec. 4.2: grey pixels read as background. The paper preset turns it on; a tiny MagNet
+    with it on answers differently on a slide with grey glass, and nearly the same on one without."""
+    import numpy as np
+    from PIL import Image
+
+    from engines.models.magnet import PRESETS
+
+    assert PRESETS["paper"].grey_filter and not PRESETS["tiny"].grey_filter
+    rng = np.random.default_rng(0)
+    tissue = np.stack([rng.integers(190, 230, (96, 96)), rng.integers(60, 120, (96, 96)),
+                       rng.integers(130, 170, (96, 96))], -1).astype(np.uint8)  # pink: never grey
+    for name, glass in (("grey.png", 150), ("white.png", 255)):
+        img = np.full((384, 384, 3), glass, np.uint8)
+        img[140:236, 140:236] = tissue
+        Image.fromarray(img).save(tmp_path / name)
+    torch.manual_seed(0)
+    plain = registry.create("magnet", "tiny").eval()
+    filtered = registry.create("magnet", "tiny", grey_filter=True).eval()
+    filtered.load_state_dict(plain.state_dict())
+    answers = {}
+    for name in ("grey.png", "white.png"):
+        with Slide(tmp_path / name) as slide:
+            answers[name] = [m.explain(SlideView(slide), lambda e: None) for m in (plain, filtered)]
+    grey = abs(answers["grey.png"][0][1] - answers["grey.png"][1][1])
+    white = abs(answers["white.png"][0][1] - answers["white.png"][1][1])
+    # Without grey glass only the few resampled pixels where tissue fades into glass change.
+    assert grey > 20 * white and grey > 1e-3

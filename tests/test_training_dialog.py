@@ -103,3 +103,22 @@ def test_device_box_lists_auto_cpu_and_each_gpu_and_a_missing_gpu_is_reported(
     assert "CUDA was asked for but torch sees no GPU" in dlg.log.toPlainText()
     assert "CUDA was asked for" in dlg.last_error and dlg.run_id is None
     assert dlg.start_button.isEnabled() and not (tmp_path / "run").exists()
+
+
+def test_dialog_shows_the_presets_recipe_and_passes_only_what_the_user_changed(qtbot, window):
+    dlg = window.show_training_dialog()
+    dlg.model_combo.setCurrentText("magnet")
+    dlg.preset_combo.setCurrentText("paper")
+    assert dlg.lr.value() == pytest.approx(3e-5) and dlg.epochs.value() == 200
+    assert dlg.scheduler.currentText() == "cosine" and dlg.accum.value() == 16
+    assert "MagNet paper" in dlg.recipe_note.text()
+    assert dlg.config().lr is None and dlg.config().epochs is None  # the recipe decides
+    dlg.model_combo.setCurrentText("zoom_in")
+    assert dlg.clip.value() == 5.0 and dlg.scheduler.currentText() == "step"
+    dlg.lr.setValue(0.002)
+    dlg.preset_combo.setCurrentText("tiny")  # the user's rate stays; the rest follow the preset
+    assert dlg.lr.value() == pytest.approx(0.002) and dlg.clip.value() == 0.0
+    assert dlg.config().lr == pytest.approx(0.002) and dlg.config().clip is None
+    assert "Changed by you: lr" in dlg.recipe_note.text()
+    dlg.recipe_reset.click()
+    assert dlg.lr.value() == pytest.approx(1e-3) and dlg.config().lr is None

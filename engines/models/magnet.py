@@ -51,10 +51,6 @@ Where it departs from the paper, and why
 * Sparsemax scores are divided by the side of the localiser's input so that an untrained
   localiser spreads its mask over a sizeable region rather than a handful of pixels (where
   ``s`` would sit at 0.05 with no gradient).
-* ``first_input_px`` / ``first_source_px`` (off in both presets) let layer 1, which sees the
-  whole view, look at it sharper than the later layers look at their smaller fields: the
-  later layers' stacks are many (one per field and patch), layer 1's few, so a finer first
-  look costs little, and on a whole slide it is where a small region is smallest.
 * GRU hidden size and Inception branch widths are not given in the paper (``paper`` preset:
   512 and 16 channels per branch). Auxiliary classifiers run in training only.
 * The ``paper`` tree is 2-3-3 patches (18 final patches, as in the paper's Fig. 4 for 3 layers).
@@ -62,7 +58,7 @@ Where it departs from the paper, and why
   average their features. ``tiny`` keeps 56/112 px and the 3-layer tree (2-2-2) with small
   GroupNorm CNNs (``backbones.conv_stages``) and 96 px final crops so it trains on a laptop CPU.
 * Pixels come only through ``SlideView.read_tensor``; the grey filter of Sec. 4.2 is the view's
-  ``grey_filter`` option, set by whoever builds the view.
+  ``grey_filter`` option, which the model turns on when its config asks (the paper preset does).
 
 Trace
 -----
@@ -93,8 +89,6 @@ class MagNetConfig:
     patches: tuple[int, ...] = (2, 3, 3)  # P_l per layer (paper: 18 final patches for 3 layers)
     input_px: int = 56  # I: what the localiser convolutions see
     source_px: int = 112  # I': what the crops are sampled from
-    first_input_px: int = 0  # I of layer 1 (the whole view) when not 0; later layers keep input_px
-    first_source_px: int = 0  # I' of layer 1 when not 0 (with 2+ layers)
     final_px: int = 224  # the last layer's crops (classifier input)
     final_source_px: int = 448  # I' of the last layer
     kernel_sizes: tuple[int, ...] = (1, 3, 5)
@@ -114,6 +108,7 @@ class MagNetConfig:
     fc_hidden: tuple[int, ...] = (512, 256)
     chunk: int = 4  # final patches embedded at once during inference (progress granularity)
     accumulation: int = 16  # slides per optimiser step (paper: batch 16 for 3 layers)
+    grey_filter: bool = False  # Sec. 4.2: grey (glass, pen, scanner) pixels read as white
 
     def __post_init__(self) -> None:
         if self.layers < 1:
@@ -125,8 +120,6 @@ class MagNetConfig:
             )
         if self.input_px < 8 or self.source_px < self.input_px:
             raise ValueError("magnet: input_px must be >= 8 and source_px >= input_px")
-        if self.first_input_px and (self.first_input_px < 8 or self.first_source < self.first_input_px):
-            raise ValueError("magnet: first_input_px must be >= 8 and first_source_px >= it")
         if self.final_px < 32 or self.final_source_px < 8:
             raise ValueError("magnet: final_px must be >= 32 and final_source_px >= 8")
         if not 0 < self.min_scale <= 1:
@@ -143,14 +136,9 @@ class MagNetConfig:
             raise ValueError("magnet: widths, gru_hidden and chunk must be positive")
 
     @property
-    def first_input(self) -> int:
-        return self.first_input_px or self.input_px
-
-    @property
     def first_source(self) -> int:
-        if self.layers == 1:
-            return self.final_source_px
-        return self.first_source_px or self.source_px
+        """I' of layer 1: the source side of the later layers, or the final one when it is the only layer."""
+        return self.final_source_px if self.layers == 1 else self.source_px
 
     @property
     def total_patches(self) -> int:
@@ -171,7 +159,7 @@ PRESETS = {
         fc_hidden=(64, 32),
         accumulation=4,
     ),
-    "paper": MagNetConfig(),
+    "paper": MagNetConfig(grey_filter=True),
 }
 
 
@@ -374,6 +362,8 @@ class MagNet(SlideModel):
     # -- the forward pass ------------------------------------------------------------------
     def _forward(self, view: SlideView, emit: Emit | None, with_aux: bool) -> _Pass:
         cfg = self.config
+        if cfg.grey_filter:
+            view.use_grey_filter(True)
         n_final = cfg.total_patches
         total = cfg.layers + n_final
         bounds: Rect = tuple(map(float, view.bounds))
@@ -386,7 +376,7 @@ class MagNet(SlideModel):
             emit(Progress(0, total, "reading the slide"))
         dev = self.device
         src = view.read_tensor(fields, first_px, first_px).to(dev)  # I' of layer 1
-        x = F.interpolate(src, size=(cfg.first_input, cfg.first_input), mode="area")  # I of layer 1
+        x = F.interpolate(src, size=(cfg.input_px, cfg.input_px), mode="area")  # I of layer 1
         aux_images: dict[int, torch.Tensor] = {}
         patches = x
         for i, p in enumerate(cfg.patches):

@@ -10,16 +10,15 @@ How the code maps to the paper
   *without* replacement (Gumbel-top-m). Each position owns a sub-tile of ``subtile_size``
   level-0 pixels around it (see below), read at ``subtile_pixels``.
 * Features: LeNet-like conv(3->36,5) pool conv(36->48,5) pool, global average, L2-normalised
-  48-d; classifier: one linear layer. (Optional, off in the presets: more 3x3 convs after the
-  LeNet and a hidden layer in the classifier, ``feature_channels`` / ``classifier_hidden``.)
+  48-d (``feature_channels`` sets the two widths); classifier: one linear layer.
 * Aggregation (eqs. 5-9, ``engines.attention_sampling``): inside a tile the estimator without
   replacement uses the *exclusive* cumulative sum of the sampled betas; across tiles the
   estimator with replacement averages the per-draw tile estimates. Both give the attention
   the unbiased gradient of attention sampling, so the two-stage estimate and its gradients
   are unbiased for eq. (5).
-* Losses: cross-entropy + ``entropy_weight`` (1e-5, paper) x entropy of alpha and of every
-  computed beta (the attention-sampling entropy regulariser, added as a penalty so attention
-  becomes sparse) + the in-sample contrastive term (sec. 2.3): on positive slides (class 1), after
+* Losses: cross-entropy - ``entropy_weight`` (1e-5, paper) x entropy of alpha and of every
+  computed beta (the attention-sampling entropy regulariser with the reference code's sign:
+  spread-out attention lowers the loss, so sampling keeps exploring) + the in-sample contrastive term (sec. 2.3): on positive slides (class 1), after
   ``contrastive_warmup`` epochs (10 in the paper), tiles are drawn from 1 - alpha and sub-tiles
   from 1 - beta (each renormalised) and the prediction is pushed to class 0 (-log(1 - p)).
 
@@ -78,10 +77,8 @@ class ZoomInConfig:
     subtile_pixels: int = 32  # sub-tile side as fed to the feature net
     n_samples: int = 8  # N: tiles drawn with replacement (= sub-tiles used)
     attention_channels: int = 8
-    # The paper's LeNet: two 5x5 convs, each followed by a 2x2 max pool. Each further width
-    # adds a 3x3 conv (padding 1, no pool) on top, for a deeper sub-tile classifier.
-    feature_channels: tuple[int, ...] = (36, 48)
-    classifier_hidden: int = 0  # 0: the paper's one linear layer; else an MLP with this width
+    # The paper's LeNet: two 5x5 convs, each followed by a 2x2 max pool.
+    feature_channels: tuple[int, int] = (36, 48)
     contrastive_warmup: int = 10  # epochs before the contrastive term starts
     contrastive_weight: float = 1.0
     entropy_weight: float = 1e-5
@@ -97,10 +94,8 @@ class ZoomInConfig:
             raise ValueError("zoom_in: subtile_pixels must be at least 16 (two 5x5 convs and pools)")
         if self.n_samples < 1:
             raise ValueError("zoom_in: n_samples must be at least 1")
-        if len(self.feature_channels) < 2 or min(self.feature_channels) < 1:
-            raise ValueError("zoom_in: feature_channels needs at least two positive widths")
-        if self.classifier_hidden < 0:
-            raise ValueError("zoom_in: classifier_hidden must be 0 or positive")
+        if len(self.feature_channels) != 2 or min(self.feature_channels) < 1:
+            raise ValueError("zoom_in: feature_channels needs two positive widths")
         if self.stage1_band_pixels < 1 or self.stage1_read_pixels < 1:
             raise ValueError("zoom_in: stage1_band_pixels and stage1_read_pixels must be positive")
 
@@ -169,21 +164,16 @@ class AttentionNet(nn.Module):
 
 
 class FeatureNet(nn.Module):
-    """LeNet-like: conv 5x5, pool, conv 5x5, pool, [conv 3x3 ...], global average, L2-normalised."""
+    """LeNet-like: conv 5x5, pool, conv 5x5, pool, global average, L2-normalised."""
 
-    def __init__(self, channels: tuple[int, ...]) -> None:
+    def __init__(self, channels: tuple[int, int]) -> None:
         super().__init__()
-        c1, c2, *more = channels
-        layers: list[nn.Module] = [
+        c1, c2 = channels
+        self.net = nn.Sequential(
             nn.Conv2d(3, c1, 5), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(c1, c2, 5), nn.ReLU(), nn.MaxPool2d(2),
-        ]
-        prev = c2
-        for c in more:
-            layers += [nn.Conv2d(prev, c, 3, padding=1), nn.ReLU()]
-            prev = c
-        self.net = nn.Sequential(*layers)
-        self.dim = prev
+        )
+        self.dim = c2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.net(x * 2.0 - 1.0).mean(dim=(2, 3))
@@ -223,9 +213,7 @@ class ZoomInNet(SlideModel):
         self.attention1 = AttentionNet(config.attention_channels)
         self.attention2 = AttentionNet(config.attention_channels)
         self.features = FeatureNet(config.feature_channels)
-        d, h = self.features.dim, config.classifier_hidden
-        self.classifier = (nn.Linear(d, self.num_classes) if h == 0 else
-                           nn.Sequential(nn.Linear(d, h), nn.ReLU(), nn.Linear(h, self.num_classes)))
+        self.classifier = nn.Linear(self.features.dim, self.num_classes)
 
     def backbone_parameters(self) -> list[nn.Parameter]:
         return list(self.features.parameters())
@@ -324,7 +312,9 @@ class ZoomInNet(SlideModel):
         target = torch.tensor([int(label)], device=logits.device)
         ce = F.cross_entropy(logits[None], target)
         entropy = _entropy(alpha) + torch.stack([_entropy(b) for b in betas]).mean()
-        loss = ce + self.config.entropy_weight * entropy
+        # As in attention sampling and the reference code (strength x sum p log p): spread-out
+        # attention lowers the loss, so the sampler keeps exploring while it learns.
+        loss = ce - self.config.entropy_weight * entropy
         parts = {"ce": ce.item(), "entropy": entropy.item()}
         if (int(label) == POSITIVE and self.num_classes > POSITIVE
                 and epoch >= self.config.contrastive_warmup):
