@@ -66,8 +66,9 @@ def test_module_grouping():
     k8 = module_groups((3, 4, 6, 3), 8)
     assert [len(g) for g in k8] == [1, 1, 1, 2, 2, 3, 3, 3]
     assert k8[3] == [(1, 0), (1, 1)] and k8[7] == [(3, 0), (3, 1), (3, 2)]
-    k4 = module_groups((3, 4, 6, 3), 4)
-    assert [len(g) for g in k4] == [3, 4, 6, 3]
+    k4 = module_groups((3, 4, 6, 3), 4)  # the reference's: two K = 8 units per module
+    assert k4 == [k8[0] + k8[1], k8[2] + k8[3], k8[4] + k8[5], k8[6] + k8[7]]
+    assert module_groups((3, 4, 6, 3), 2) == [k8[0] + k8[1] + k8[2] + k8[3], k8[4] + k8[5] + k8[6] + k8[7]]
     for k in (1, 2, 3, 5, 16):
         groups = module_groups((3, 4, 6, 3), k)
         flat = [b for g in groups for b in g]
@@ -354,3 +355,4 @@ def test_many_strips_on_a_slide_agree_with_one_strip():
     maps_many = [e for e in e_many if isinstance(e, AttentionMap)]
     for a, b in zip(maps_one, maps_many):
         torch.testing.assert_close(torch.tensor(a.values), torch.tensor(b.values), rtol=0, atol=1e-4)
+

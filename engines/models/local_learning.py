@@ -23,9 +23,11 @@ How the code maps to the paper
   frozen; every BatchNorm stays in eval mode with frozen affine parameters; AdamW with weight
   decay 1e-6 and the backbone at half the learning rate of the new heads (1e-5 vs 2e-5);
   batch 1 with 8 slides of gradient accumulation (``accumulation``, read by the trainer).
-  Block grouping for K = 8 follows the reference code: [layer1.0], [layer1.1], [layer1.2],
-  [layer2.0-1], [layer2.2-3], [layer3.0-2], [layer3.3-5], [layer4]; K = 4 takes one ResNet
-  stage per module; any other K splits the block list into K nearly equal consecutive runs.
+  Block grouping follows the reference code: K = 8 is [layer1.0], [layer1.1], [layer1.2],
+  [layer2.0-1], [layer2.2-3], [layer3.0-2], [layer3.3-5], [layer4], and K = 1, 2 or 4 join 8 / K
+  consecutive of those units (K = 4: [layer1.0-1], [layer1.2, layer2.0-1], [layer2.2-3,
+  layer3.0-2], [layer3.3-5, layer4]); any other K, or another trunk, splits the block list
+  into K nearly equal consecutive runs.
 
 Departures, and why
 -------------------
@@ -223,8 +225,11 @@ def module_groups(blocks: tuple[int, ...], k: int) -> list[list[tuple[int, int]]
     flat = [(s, b) for s, n in enumerate(blocks) for b in range(n)]
     if not 1 <= k <= len(flat):
         raise ValueError(f"num_modules must be between 1 and {len(flat)} (the number of residual blocks), not {k}")
-    if tuple(blocks) == RESNET34_BLOCKS and k == 8:
-        return [[(s, b) for s, b0, b1 in g for b in range(b0, b1)] for g in RESNET34_K8]
+    if tuple(blocks) == RESNET34_BLOCKS and len(RESNET34_K8) % k == 0:
+        # The reference code's rule: K modules each take 8 / K consecutive units of its K = 8 split.
+        units = [[(s, b) for s, b0, b1 in g for b in range(b0, b1)] for g in RESNET34_K8]
+        per = len(units) // k
+        return [[blk for u in units[i * per:(i + 1) * per] for blk in u] for i in range(k)]
     if k == len(blocks):
         return [[(s, b) for b in range(n)] for s, n in enumerate(blocks)]
     bounds = [round(i * len(flat) / k) for i in range(k + 1)]
