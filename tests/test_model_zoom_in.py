@@ -294,3 +294,36 @@ def test_seeded_runs_repeat_and_cancellation_propagates(demo_slide):
 
     with pytest.raises(Stop):
         model.explain(view, emit)
+
+
+# -- the reference's inference ------------------------------------------------------------
+def test_reference_tile_weights_drop_the_lowest_thirty_percent():
+    alpha = torch.arange(1.0, 11.0) / 55  # ten tiles, rising attention
+    w = zi.reference_tile_weights(alpha)
+    assert w.sum().item() == pytest.approx(1.0)
+    # rescaled (alpha - min) / max = 0, 0.1, ... 0.9; its 30 % quantile ("lower") is 0.2
+    assert w[0] == 0 and w[1] == 0
+    assert torch.all(w[2:] > 0) and w[9] / w[2] == pytest.approx(0.9 / 0.2)
+    flat = zi.reference_tile_weights(torch.full((4,), 0.25))
+    assert torch.allclose(flat, torch.full((4,), 0.25))
+
+
+def test_reference_draws_take_high_attention_tiles_and_their_top_subtiles(demo_slide):
+    model = _model(draws="reference", n_samples=12)
+    view = SlideView(demo_slide, roi=ROI)
+    _probs, events = _run(model, view)
+    alpha = next(e for e in events if isinstance(e, AttentionMap) and e.group == "stage 1")
+    values = torch.tensor(alpha.values).reshape(-1)
+    keep = zi.reference_tile_weights(values) > 0
+    tiles = [e for e in events if isinstance(e, Field) and e.kind == "tile"]
+    assert tiles and all(any(abs(e.score - float(v)) < 1e-6 for v in values[keep]) for e in tiles)
+    maps = {e.name: torch.tensor(e.values).reshape(-1) for e in events
+            if isinstance(e, AttentionMap) and e.group == "stage 2"}
+    for tile in tiles:
+        beta = maps[f"stage 2 attention, tile {tile.id}"]
+        subs = [e for e in events if isinstance(e, Field) and e.kind == "subtile" and e.parent == tile.id]
+        got = sorted((e.score / tile.score for e in subs), reverse=True)
+        best = torch.topk(beta, len(subs)).values.tolist()
+        assert got == pytest.approx(best, rel=1e-5)
+    with pytest.raises(ValueError, match="draws"):
+        _model(draws="greedy")

@@ -9,6 +9,9 @@ How the code maps to the paper
   gives a softmax over the tile's positions (beta). A tile drawn m times yields m sub-tiles drawn
   *without* replacement (Gumbel-top-m). Each position owns a sub-tile of ``subtile_size``
   level-0 pixels around it (see below), read at ``subtile_pixels``.
+* Inference draws (``draws``): "random" draws as training does; "reference" follows the
+  authors' evaluation code (``reference_tile_weights`` for the tiles, the top-k sub-tiles of
+  each drawn tile), which puts the draws on the highest-attention regions.
 * Features: LeNet-like conv(3->36,5) pool conv(36->48,5) pool, global average, L2-normalised
   48-d (``feature_channels`` sets the two widths); classifier: one linear layer.
 * Aggregation (eqs. 5-9, ``engines.attention_sampling``): inside a tile the estimator without
@@ -64,6 +67,8 @@ from engines.sampling import SlideView
 from engines.trace import AttentionMap, Field, Progress, TrailStep
 
 Rect = tuple[float, float, float, float]
+DRAWS = ("random", "reference")
+REFERENCE_FLOOR_QUANTILE = 0.3  # the reference's inference drops tiles below this quantile
 POSITIVE = 1  # the class whose slides get contrastive samples
 REFERENCE = 0  # the label the contrastive samples are pushed towards
 
@@ -82,6 +87,10 @@ class ZoomInConfig:
     contrastive_warmup: int = 10  # epochs before the contrastive term starts
     contrastive_weight: float = 1.0
     entropy_weight: float = 1e-5
+    # How inference draws: "random" as in training (tiles from alpha, sub-tiles by
+    # Gumbel-top-k), or "reference" as the authors' evaluation code: tiles drawn from alpha
+    # rescaled to [0, 1] with its lowest 30 % set to zero, and each tile's top-k sub-tiles.
+    draws: str = "random"
     stage1_band_pixels: int = 1 << 16  # bound on stage-1 pixels processed at once
     stage1_read_pixels: int = 1 << 19  # bound on slide pixels decoded per stage-1 band
 
@@ -96,6 +105,8 @@ class ZoomInConfig:
             raise ValueError("zoom_in: n_samples must be at least 1")
         if len(self.feature_channels) != 2 or min(self.feature_channels) < 1:
             raise ValueError("zoom_in: feature_channels needs two positive widths")
+        if self.draws not in DRAWS:
+            raise ValueError(f"zoom_in: draws must be one of {', '.join(DRAWS)}, not {self.draws!r}")
         if self.stage1_band_pixels < 1 or self.stage1_read_pixels < 1:
             raise ValueError("zoom_in: stage1_band_pixels and stage1_read_pixels must be positive")
 
@@ -128,6 +139,18 @@ def two_stage_expectation(alpha: torch.Tensor, draws: torch.Tensor,
     contributing its tile's within-tile estimate (from draws without replacement)."""
     feats = torch.stack([tile_estimates[int(d)] for d in draws])
     return expectation_with_replacement(alpha, draws, feats)
+
+
+def reference_tile_weights(alpha: torch.Tensor) -> torch.Tensor:
+    """The reference code's inference weights for stage 1: alpha shifted to 0 at its minimum
+    and divided by its maximum, cells below its 30 % quantile set to 0, renormalised to sum 1."""
+    w = (alpha - alpha.min()) / alpha.max().clamp_min(1e-12)
+    floor = torch.quantile(w.double(), REFERENCE_FLOOR_QUANTILE, interpolation="lower").to(w.dtype)
+    w = torch.where(w < floor, torch.zeros_like(w), w)
+    total = w.sum()
+    if float(total) <= 0:  # a flat map: every tile stays possible
+        return torch.full_like(alpha, 1.0 / alpha.numel())
+    return w / total
 
 
 def _entropy(p: torch.Tensor) -> torch.Tensor:
@@ -273,13 +296,15 @@ class ZoomInNet(SlideModel):
 
     # -- stage 2 and features ---------------------------------------------------------------
     def _tile(self, view: SlideView, grid: _Grid, index: int, count: int,
-              contrastive: bool = False) -> _TileResult:
+              contrastive: bool = False, top: bool = False) -> _TileResult:
         p2, sp = self.config.tile_pixels_2, self.config.subtile_pixels
         rect = grid.rect(index)
         image = view.read_tensor([rect], p2, p2).to(self.device)
         beta = torch.softmax(self.attention2(image).reshape(-1), 0)
         dist = _complement(beta) if contrastive else beta
-        positions = sample_without_replacement(dist, count)
+        # top: the count highest positions, in order (the reference's inference), else draws
+        positions = (torch.topk(dist, min(count, dist.numel())).indices if top
+                     else sample_without_replacement(dist, count))
         subs = [(int(p), self._subtile_rect(rect, int(p))) for p in positions]
         patches = view.read_tensor([r for _, r in subs], sp, sp).to(image.device)
         feats = self.features(patches)
@@ -338,7 +363,8 @@ class ZoomInNet(SlideModel):
             origin=grid.origin, cell=grid.cell,
             values=alpha.reshape(grid.rows, grid.cols).tolist(),
         ))
-        draws = sample_with_replacement(alpha, cfg.n_samples)
+        reference = cfg.draws == "reference"
+        draws = sample_with_replacement(reference_tile_weights(alpha) if reference else alpha, cfg.n_samples)
         unique, counts = torch.unique(draws, return_counts=True)
         total = len(unique)
         tiles: dict[int, _TileResult] = {}
@@ -352,7 +378,7 @@ class ZoomInNet(SlideModel):
             next_id += 1
             emit(Field(id=tile_id, parent=0, depth=1, rect=rect, score=a, kind="tile",
                        magnification=view.magnification_of(rect[2], cfg.tile_pixels_2)))
-            t = self._tile(view, grid, i, n)
+            t = self._tile(view, grid, i, n, top=reference)
             tiles[i] = t
             p2 = cfg.tile_pixels_2
             emit(AttentionMap(
