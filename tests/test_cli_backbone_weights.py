@@ -72,3 +72,26 @@ def test_weights_with_a_checkpoint_or_resume_are_refused(capsys, resnet18_file, 
     rc, _out, err = call(capsys, "train", manifest, "--model", "grid_attention", "--preset", "paper",
                          "--resume", "--out", tmp_path, "--backbone-weights", resnet18_file)
     assert rc == 2 and "starts a new model" in err
+
+
+def test_a_weights_file_in_the_torch_hub_cache_is_never_picked_up(tmp_path, monkeypatch):
+    """Only a file the user names loads: the same model everywhere, whatever a cache holds."""
+    import torch
+    import torchvision
+
+    from engines.models import backbones
+
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.manual_seed(1)
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), cache / "resnet18-f37072fd.pth")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    torch.manual_seed(0)
+    net = backbones.build("resnet18")
+    torch.manual_seed(0)
+    fresh = torchvision.models.resnet18(weights=None)
+    assert torch.equal(net.conv1.weight, fresh.conv1.weight)  # random init, not the cached file
+    named = backbones.build("resnet18", cache / "resnet18-f37072fd.pth")
+    cached = torch.load(cache / "resnet18-f37072fd.pth", weights_only=True)
+    assert torch.equal(named.conv1.weight, cached["conv1.weight"])

@@ -1,8 +1,9 @@
 """torchvision backbones with ImageNet weights only from a local file, never the network.
 
-Weights come from ``weights_path`` when given, else from torchvision's own cache folder
-(``$TORCH_HOME/hub/checkpoints``) when the user already has the file there; otherwise the
-network starts from random initialisation and a warning says so.
+Weights come only from the ``weights_path`` the user names; nothing is picked up from
+torchvision's or torch hub's cache folders, so a model is the same on every machine unless
+asked otherwise. Without a file the network starts from random initialisation and a warning
+says so.
 """
 from __future__ import annotations
 
@@ -17,25 +18,8 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-# File names torchvision uses for its ImageNet weights (what a user's cache would hold).
-CACHE_FILES = {
-    "resnet18": "resnet18-f37072fd.pth",
-    "resnet34": "resnet34-b627a593.pth",
-    "resnet50": "resnet50-0676ba61.pth",
-    "inception_v3": "inception_v3_google-0cc3c7bd.pth",
-}
-
-
 class BackboneWeightsError(ValueError):
     pass
-
-
-def _cached_file(arch: str) -> Path | None:
-    name = CACHE_FILES.get(arch)
-    if not name:
-        return None
-    path = Path(torch.hub.get_dir()) / "checkpoints" / name
-    return path if path.is_file() else None
 
 
 def build(arch: str, weights_path: str | os.PathLike | None = None, **kwargs) -> nn.Module:
@@ -47,7 +31,7 @@ def build(arch: str, weights_path: str | os.PathLike | None = None, **kwargs) ->
         kwargs.setdefault("aux_logits", False)
         kwargs.setdefault("init_weights", True)
     net = ctor(weights=None, **kwargs)
-    path = Path(weights_path) if weights_path else _cached_file(arch)
+    path = Path(weights_path) if weights_path else None
     if path is None:
         log.warning("%s starts from random weights (no local ImageNet weights file given)", arch)
         return net
