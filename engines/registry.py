@@ -54,5 +54,6 @@ def create(name: str, preset: str = "tiny", classes: list[str] | None = None, **
     """Build model ``name`` with the sizes of ``preset`` and any config ``overrides``."""
     cfg = config_for(name, preset, **overrides)
     model = _module(name).MODEL(cfg, classes=classes)
+    model.load_pretrained()  # the constructor only builds; weight files open here
     model.preset = preset
     return model

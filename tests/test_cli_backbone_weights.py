@@ -79,6 +79,7 @@ def test_a_weights_file_in_the_torch_hub_cache_is_never_picked_up(tmp_path, monk
     import torch
     import torchvision
 
+    from engines import registry
     from engines.models import backbones
 
     cache = tmp_path / "hub" / "checkpoints"
@@ -88,10 +89,35 @@ def test_a_weights_file_in_the_torch_hub_cache_is_never_picked_up(tmp_path, monk
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     torch.manual_seed(0)
-    net = backbones.build("resnet18")
+    net = registry.create("grid_attention", "paper").trunk.stem[0]  # resnet18's conv1
     torch.manual_seed(0)
     fresh = torchvision.models.resnet18(weights=None)
-    assert torch.equal(net.conv1.weight, fresh.conv1.weight)  # random init, not the cached file
-    named = backbones.build("resnet18", cache / "resnet18-f37072fd.pth")
+    assert torch.equal(net.weight, fresh.conv1.weight)  # random init, not the cached file
+    named = backbones.load_weights(backbones.build("resnet18"), "resnet18", cache / "resnet18-f37072fd.pth")
     cached = torch.load(cache / "resnet18-f37072fd.pth", weights_only=True)
     assert torch.equal(named.conv1.weight, cached["conv1.weight"])
+
+
+def test_constructors_open_no_files_and_the_registry_loads_what_the_config_names(tmp_path, monkeypatch):
+    """As timm's builders do: the model class only builds; ``registry.create`` opens the
+    weights file the config names, and every layer cut from that network gets its weights."""
+    import torch
+    import torchvision
+
+    from engines import registry
+    from engines.models.grid_attention import GridAttention
+    from engines.registry import config_for
+
+    torch.manual_seed(3)
+    weights = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
+    opened = []
+    real = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: opened.append(a[0]) or real(*a, **k))
+    GridAttention(config_for("grid_attention", "paper", backbone_weights=str(weights)))
+    assert opened == []  # the constructor alone reads nothing
+    model = registry.create("grid_attention", "paper", backbone_weights=str(weights))
+    assert opened == [weights]
+    state = real(weights, weights_only=True)
+    assert torch.equal(model.trunk.stem[0].weight, state["conv1.weight"])
+    assert torch.equal(model.trunk.tail[0].conv1.weight, state["layer4.0.conv1.weight"])

@@ -22,19 +22,28 @@ class BackboneWeightsError(ValueError):
     pass
 
 
-def build(arch: str, weights_path: str | os.PathLike | None = None, **kwargs) -> nn.Module:
-    """A torchvision classification network ``arch`` (e.g. ``resnet18``)."""
+def build(arch: str, **kwargs) -> nn.Module:
+    """A torchvision classification network ``arch`` (e.g. ``resnet18``) at random
+    initialisation. Models build with this and never open files; ``SlideModel.load_pretrained``
+    (called by ``engines.registry.create``) fills in the weights the config names."""
     ctor = getattr(torchvision.models, arch, None)
     if ctor is None:
         raise BackboneWeightsError(f"torchvision has no model named {arch!r}")
     if arch == "inception_v3":
         kwargs.setdefault("aux_logits", False)
         kwargs.setdefault("init_weights", True)
-    net = ctor(weights=None, **kwargs)
-    path = Path(weights_path) if weights_path else None
-    if path is None:
+    return ctor(weights=None, **kwargs)
+
+
+def load_weights(net: nn.Module, arch: str, weights_path: str | os.PathLike | None) -> nn.Module:
+    """Copy ImageNet weights from the local file ``weights_path`` into ``net`` (a network
+    ``build(arch)`` made, possibly with its classifier replaced); without a file the network
+    keeps its random weights and a warning says so. Modules that share layers with ``net``
+    (a trunk cut from it) see the new weights too: they are copied in place."""
+    if not weights_path:
         log.warning("%s starts from random weights (no local ImageNet weights file given)", arch)
         return net
+    path = Path(weights_path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure means an unusable file
@@ -54,13 +63,14 @@ def build(arch: str, weights_path: str | os.PathLike | None = None, **kwargs) ->
     return net
 
 
-def resnet_trunk(arch: str = "resnet18", weights_path=None, *, drop_pool: bool = True) -> nn.Sequential:
-    """A ResNet up to its last block (no average pool, no fc): (B,3,H,W) -> (B,C,H/32,W/32)."""
-    net = build(arch, weights_path)
+def resnet_trunk(arch: str = "resnet18", *, drop_pool: bool = True) -> tuple[nn.Sequential, nn.Module]:
+    """A ResNet up to its last block (no average pool, no fc): (B,3,H,W) -> (B,C,H/32,W/32),
+    and the whole network it shares its layers with (what ``load_weights`` takes)."""
+    net = build(arch)
     layers = [net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4]
     if not drop_pool:
         layers.append(net.avgpool)
-    return nn.Sequential(*layers)
+    return nn.Sequential(*layers), net
 
 
 def conv_stages(chans: list[int], stride: int = 2) -> list[nn.Module]:

@@ -44,6 +44,21 @@ class SlideModel(nn.Module):
         self.config = config
         self.classes = list(classes or DEFAULT_CLASSES)
 
+    def pretrained(self, arch: str, net: nn.Module, weights_path: str | None) -> None:
+        """Note that ``net`` (a torchvision ``arch`` this model is built from, or shares its
+        layers with) takes ImageNet weights from ``weights_path``. Constructors only note it;
+        ``load_pretrained`` opens the files."""
+        # Kept outside nn.Module's registry: ``net`` is not a submodule of its own.
+        self.__dict__.setdefault("_pretrained", []).append((arch, net, weights_path))
+
+    def load_pretrained(self) -> None:
+        """Load every noted weights file (each at most once); ``engines.registry.create``
+        calls this after the constructor, as timm's builders do."""
+        from engines.models import backbones
+
+        for arch, net, path in self.__dict__.pop("_pretrained", []):
+            backbones.load_weights(net, arch, path)
+
     @property
     def num_classes(self) -> int:
         return len(self.classes)

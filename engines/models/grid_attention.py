@@ -185,9 +185,9 @@ def _small_trunk(width: int) -> Trunk:
     return Trunk(stem, tail, w)
 
 
-def _resnet18_trunk(weights: str | None) -> Trunk:
-    seq = backbones.resnet_trunk("resnet18", weights)
-    return Trunk(nn.Sequential(*list(seq)[:-1]), seq[-1], 512)
+def _resnet18_trunk() -> tuple[Trunk, nn.Module]:
+    seq, net = backbones.resnet_trunk("resnet18")
+    return Trunk(nn.Sequential(*list(seq)[:-1]), seq[-1], 512), net
 
 
 def _he_init(module: nn.Module) -> None:
@@ -314,7 +314,8 @@ class GridAttention(SlideModel):
             self.trunk = _small_trunk(config.small_width)
             _he_init(self.trunk)
         else:
-            self.trunk = _resnet18_trunk(config.backbone_weights)
+            self.trunk, net = _resnet18_trunk()
+            self.pretrained("resnet18", net, config.backbone_weights)
         n = self.trunk.out_dim
         # The paper's N x d x d 3D filters with padding (0, 1, 1) over the (N, H', W') volume.
         self.attention = nn.Conv2d(n, config.filters, config.kernel, padding=config.kernel // 2)

@@ -213,11 +213,11 @@ def _small_trunk(widths: tuple[int, ...], blocks: tuple[int, ...], stem_stride: 
     return trunk
 
 
-def _resnet34_trunk(weights: str | None, stem_stride: int) -> Trunk:
-    net = backbones.build("resnet34", weights)
+def _resnet34_trunk(stem_stride: int) -> tuple[Trunk, nn.Module]:
+    net = backbones.build("resnet34")
     net.conv1.stride = (stem_stride, stem_stride)
     stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
-    return Trunk(stem, [net.layer1, net.layer2, net.layer3, net.layer4])
+    return Trunk(stem, [net.layer1, net.layer2, net.layer3, net.layer4]), net
 
 
 def module_groups(blocks: tuple[int, ...], k: int) -> list[list[tuple[int, int]]]:
@@ -360,7 +360,8 @@ class LocalLearning(SlideModel):
         if min(c.strip_rows, c.rfr_crops, c.max_side, c.rfr_crop, c.head_dim, c.attn_dim) < 1:
             raise ValueError("strip_rows, rfr_crops, rfr_crop, max_side, head_dim and attn_dim must be positive")
         if c.backbone == "resnet34":
-            self.trunk = _resnet34_trunk(c.backbone_weights, c.stem_stride)
+            self.trunk, net = _resnet34_trunk(c.stem_stride)
+            self.pretrained("resnet34", net, c.backbone_weights)
             blocks = RESNET34_BLOCKS
         elif c.backbone == "small":
             if len(c.widths) != 4 or len(c.blocks) != 4 or min(c.blocks) < 1 or min(c.widths) < 1:

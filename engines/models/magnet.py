@@ -258,16 +258,16 @@ class SmallCNN(nn.Module):
         return self.body(x)
 
 
-def _feature_net(kind: str, weights: str | None, small_width: int) -> tuple[nn.Module, int]:
+def _feature_net(kind: str, small_width: int) -> tuple[nn.Module, int]:
     """A network mapping (B, 3, H, W) in [0, 1]-normalised form to (B, D) features."""
     if kind == "small":
         net = SmallCNN(small_width)
         return net, net.out_features
     if kind == "inception_v3":
         # transform_input: the ImageNet weights expect inputs rescaled from ImageNet statistics.
-        net = backbones.build("inception_v3", weights, transform_input=True)
+        net = backbones.build("inception_v3", transform_input=True)
     else:
-        net = backbones.build(kind, weights)
+        net = backbones.build(kind)
     dim = net.fc.in_features
     net.fc = nn.Identity()
     return net, dim
@@ -276,9 +276,9 @@ def _feature_net(kind: str, weights: str | None, small_width: int) -> tuple[nn.M
 class AuxClassifier(nn.Module):
     """Slide-level prediction from a set of images: mean of per-image features, then linear."""
 
-    def __init__(self, kind: str, weights: str | None, small_width: int, classes: int) -> None:
+    def __init__(self, kind: str, small_width: int, classes: int) -> None:
         super().__init__()
-        self.net, dim = _feature_net(kind, weights, small_width)
+        self.net, dim = _feature_net(kind, small_width)
         self.head = nn.Linear(dim, classes)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -309,7 +309,9 @@ class MagNet(SlideModel):
             if learned:
                 self.localisers[str(i)] = GroupedLocaliser(fields * learned, tuple(cfg.kernel_sizes), cfg.branch_width)
             fields *= p
-        self.backbone, dim = _feature_net(cfg.backbone, cfg.backbone_weights, cfg.small_width)
+        self.backbone, dim = _feature_net(cfg.backbone, cfg.small_width)
+        if cfg.backbone != "small":
+            self.pretrained(cfg.backbone, self.backbone, cfg.backbone_weights)
         self.gru = nn.GRU(dim, cfg.gru_hidden, batch_first=True)
         head: list[nn.Module] = []
         width = cfg.gru_hidden
@@ -320,9 +322,12 @@ class MagNet(SlideModel):
         self.head = nn.Sequential(*head)
         self.aux_layers = sorted({min(max(a, 1), cfg.layers) for a in cfg.aux_layers})
         self.aux = nn.ModuleDict({
-            str(a): AuxClassifier(cfg.aux_backbone, cfg.aux_weights, cfg.small_width, self.num_classes)
+            str(a): AuxClassifier(cfg.aux_backbone, cfg.small_width, self.num_classes)
             for a in self.aux_layers
         })
+        if cfg.aux_backbone != "small":
+            for aux in self.aux.values():
+                self.pretrained(cfg.aux_backbone, aux.net, cfg.aux_weights)
 
     def _frozen(self, layer_index: int) -> bool:
         return self.config.frozen_layer == layer_index + 1

@@ -127,20 +127,23 @@ class SmallCNN(nn.Sequential):
 class FeatureMaps(nn.Module):
     """A backbone trunk giving spatial feature maps, with its own input normalisation."""
 
-    def __init__(self, arch: str, weights: str | None, small_width: int) -> None:
+    def __init__(self, arch: str, small_width: int) -> None:
         super().__init__()
         self.arch = arch
+        self.source: nn.Module | None = None  # the torchvision network the trunk shares layers with
         if arch == "small":
             self.trunk: nn.Module = SmallCNN(small_width)
             self.out_channels = self.trunk.out_channels
         elif arch == "inception_v3":
-            net = backbones.build("inception_v3", weights, init_weights=False)
+            net = backbones.build("inception_v3", init_weights=False)
             skip = {"avgpool", "dropout", "fc", "AuxLogits"}
             self.trunk = nn.Sequential(*[m for n, m in net.named_children() if n not in skip])
             self.out_channels = 2048
+            object.__setattr__(self, "source", net)  # not a submodule: its layers are the trunk's
         else:
-            self.trunk = backbones.resnet_trunk(arch, weights)
+            self.trunk, net = backbones.resnet_trunk(arch)
             self.out_channels = 2048 if arch == "resnet50" else 512
+            object.__setattr__(self, "source", net)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Inception's ImageNet weights expect [-1, 1] inputs; the others ImageNet statistics.
@@ -241,8 +244,12 @@ class SpatialMagNet(SlideModel):
         cfg = config
         if self.num_classes < 2:
             raise ValueError("spatial_mag needs at least two classes")
-        self.h = FeatureMaps(cfg.backbone, cfg.backbone_weights, cfg.small_width)
-        self.f = FeatureMaps(cfg.backbone, cfg.backbone_weights, cfg.small_width)
+        self.h = FeatureMaps(cfg.backbone, cfg.small_width)
+        self.f = FeatureMaps(cfg.backbone, cfg.small_width)
+        for maps in (self.h, self.f):
+            if maps.source is not None:
+                self.pretrained(cfg.backbone, maps.source, cfg.backbone_weights)
+                object.__setattr__(maps, "source", None)  # the note keeps it until loaded
         self.attention = MagnificationAttention(self.h.out_channels, len(cfg.grids))
         self.classifier = nn.Sequential(
             nn.Dropout(cfg.classifier_dropout), nn.Linear(self.f.out_channels, self.num_classes)
