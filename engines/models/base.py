@@ -1,6 +1,8 @@
 """What every slide model offers the inference runner and the trainer."""
 from __future__ import annotations
 
+import numbers
+
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
@@ -58,6 +60,12 @@ class SlideModel(nn.Module):
 
         for arch, net, path in self.__dict__.pop("_pretrained", []):
             backbones.load_weights(net, arch, path)
+
+    def check_label(self, label: int) -> None:
+        """Every model refuses a label that is not one of its class indices the same way."""
+        if (isinstance(label, bool) or not isinstance(label, numbers.Integral)
+                or not 0 <= int(label) < self.num_classes):
+            raise ValueError(f"{self.name}: label {label!r} is not a class index (0..{self.num_classes - 1})")
 
     @property
     def num_classes(self) -> int:

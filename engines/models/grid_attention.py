@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engines.models import backbones
+from engines.models.blocks import Grid, entropy, make_grid
 from engines.models.base import Emit, SlideModel, StepOutput
 from engines.sampling import SlideView, tissue_mask
 from engines.trace import AttentionMap, Field, Progress, Rect
@@ -91,6 +92,21 @@ class GridAttentionConfig:
     # CE only). A positive weight sharpens the maps, for needles of one or two tiles.
     sharpen_weight: float = 0.0
 
+    def __post_init__(self) -> None:
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"grid_attention: unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}")
+        for name in ("tile_px", "batch_size", "filters", "kernel", "max_tiles"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"grid_attention: {name} must be at least 1, got {getattr(self, name)}")
+        if self.kernel % 2 == 0:
+            raise ValueError(f"grid_attention: kernel must be odd so maps keep the grid's shape, got {self.kernel}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"grid_attention: dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.scale_jitter < 1.0:
+            raise ValueError(f"grid_attention: scale_jitter must be in [0, 1), got {self.scale_jitter}")
+        if not self.sharpen_weight >= 0.0:
+            raise ValueError(f"grid_attention: sharpen_weight must not be negative, got {self.sharpen_weight}")
+
 
 PRESETS = {
     "tiny": GridAttentionConfig(
@@ -99,35 +115,6 @@ PRESETS = {
     ),
     "paper": GridAttentionConfig(),
 }
-
-
-@dataclass
-class Grid:
-    """Tiles covering a view rectangle exactly: cell (r, c) is ``origin + (c * cw, r * ch)``."""
-
-    origin: tuple[float, float]
-    cell: tuple[float, float]
-    rows: int
-    cols: int
-
-    @property
-    def count(self) -> int:
-        return self.rows * self.cols
-
-    def rect(self, index: int) -> Rect:
-        r, c = divmod(index, self.cols)
-        return (self.origin[0] + c * self.cell[0], self.origin[1] + r * self.cell[1],
-                self.cell[0], self.cell[1])
-
-
-def make_grid(bounds: Rect, side: float) -> Grid:
-    """The grid of near-square cells of about ``side`` pixels that fills ``bounds`` exactly."""
-    if not side > 0:
-        raise ValueError(f"tile size must be positive, got {side}")
-    x, y, w, h = bounds
-    rows = max(1, round(h / side))
-    cols = max(1, round(w / side))
-    return Grid((x, y), (w / cols, h / rows), rows, cols)
 
 
 def tissue_fractions(view: SlideView, grid: Grid) -> np.ndarray:
@@ -157,8 +144,7 @@ def normalised_entropy(alpha: torch.Tensor, cells: int) -> torch.Tensor:
     log(cells): 1 for a flat map, 0 for a map on one cell."""
     if cells < 2:
         return alpha.new_zeros(())
-    h = -(alpha * torch.log(alpha.clamp_min(1e-12))).sum(dim=1)
-    return h.mean() / float(np.log(cells))
+    return entropy(alpha, dim=1).mean() / float(np.log(cells))
 
 
 # ---------------------------------------------------------------------------------------
@@ -297,19 +283,6 @@ class GridAttention(SlideModel):
 
     def __init__(self, config: GridAttentionConfig, classes: list[str] | None = None) -> None:
         super().__init__(config, classes)
-        if config.backbone not in BACKBONES:
-            raise ValueError(f"unknown backbone {config.backbone!r}; choose one of {', '.join(BACKBONES)}")
-        for name in ("tile_px", "batch_size", "filters", "kernel", "max_tiles"):
-            if int(getattr(config, name)) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")
-        if config.kernel % 2 == 0:
-            raise ValueError(f"kernel must be odd so maps keep the grid's shape, got {config.kernel}")
-        if not 0.0 <= config.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {config.dropout}")
-        if not 0.0 <= config.scale_jitter < 1.0:
-            raise ValueError(f"scale_jitter must be in [0, 1), got {config.scale_jitter}")
-        if not config.sharpen_weight >= 0.0:
-            raise ValueError(f"sharpen_weight must not be negative, got {config.sharpen_weight}")
         if config.backbone == "small":
             self.trunk = _small_trunk(config.small_width)
             _he_init(self.trunk)
@@ -405,8 +378,7 @@ class GridAttention(SlideModel):
 
     # -- training ----------------------------------------------------------------------------
     def training_step(self, view: SlideView, label: int, epoch: int = 0) -> StepOutput:
-        if not 0 <= int(label) < self.num_classes:
-            raise ValueError(f"label {label} is not a class index (0..{self.num_classes - 1})")
+        self.check_label(label)
         if self.training:
             self._fix_frozen_statistics()
         j = float(self.config.scale_jitter)

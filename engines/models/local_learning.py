@@ -108,6 +108,23 @@ class LocalLearningConfig:
     weight_decay: float = 1e-6  # AdamW, used when the trainer passes 0
     accumulation: int = 8
 
+    def __post_init__(self) -> None:
+        if self.backbone not in ("resnet34", "small"):
+            raise ValueError(f"local_learning: unknown backbone {self.backbone!r} (resnet34 or small)")
+        if self.backbone == "small" and (len(self.widths) != 4 or len(self.blocks) != 4
+                                         or min(self.blocks) < 1 or min(self.widths) < 1):
+            raise ValueError("local_learning: the small backbone needs four positive widths and four "
+                             "positive block counts")
+        if self.stem_stride < 1:
+            raise ValueError("local_learning: stem_stride must be a positive integer")
+        if min(self.strip_rows, self.rfr_crops, self.max_side, self.rfr_crop, self.head_dim, self.attn_dim) < 1:
+            raise ValueError("local_learning: strip_rows, rfr_crops, rfr_crop, max_side, head_dim and attn_dim "
+                             "must be positive")
+        blocks = RESNET34_BLOCKS if self.backbone == "resnet34" else tuple(self.blocks)
+        if not 1 <= self.num_modules <= sum(blocks):
+            raise ValueError(f"local_learning: num_modules must be between 1 and {sum(blocks)} "
+                             f"(the number of residual blocks), not {self.num_modules}")
+
 
 PRESETS = {
     "tiny": LocalLearningConfig(
@@ -355,21 +372,13 @@ class LocalLearning(SlideModel):
     def __init__(self, config: LocalLearningConfig, classes: list[str] | None = None) -> None:
         super().__init__(config, classes)
         c = config
-        if c.stem_stride < 1:
-            raise ValueError("stem_stride must be a positive integer")
-        if min(c.strip_rows, c.rfr_crops, c.max_side, c.rfr_crop, c.head_dim, c.attn_dim) < 1:
-            raise ValueError("strip_rows, rfr_crops, rfr_crop, max_side, head_dim and attn_dim must be positive")
         if c.backbone == "resnet34":
             self.trunk, net = _resnet34_trunk(c.stem_stride)
             self.pretrained("resnet34", net, c.backbone_weights)
             blocks = RESNET34_BLOCKS
-        elif c.backbone == "small":
-            if len(c.widths) != 4 or len(c.blocks) != 4 or min(c.blocks) < 1 or min(c.widths) < 1:
-                raise ValueError("the small backbone needs four positive widths and four positive block counts")
+        else:
             self.trunk = _small_trunk(tuple(c.widths), tuple(c.blocks), c.stem_stride, c.trunk_norm)
             blocks = tuple(c.blocks)
-        else:
-            raise ValueError(f"unknown backbone {c.backbone!r} (resnet34 or small)")
         self.groups = module_groups(blocks, c.num_modules)
         self.stride = self.trunk.stride
         self.margin = math.ceil(self.trunk.receptive_radius() / self.stride) * self.stride
@@ -491,10 +500,6 @@ class LocalLearning(SlideModel):
             prev = out.detach()
             del out
 
-    def _check_label(self, label: int) -> None:
-        if not 0 <= int(label) < self.num_classes:
-            raise ValueError(f"label {label} is not a class index (0..{self.num_classes - 1})")
-
     def prepare_tensor(self, x: torch.Tensor) -> torch.Tensor:
         """(1, 3, H, W) in [0, 1] -> normalised, padded with white to multiples of the stride."""
         if x.dim() != 4 or x.shape[0] != 1 or x.shape[1] != 3:
@@ -510,7 +515,7 @@ class LocalLearning(SlideModel):
         """One training step on an image tensor (1, 3, H, W) in [0, 1]: every module's local
         loss is back-propagated (times ``scale``) into ``.grad`` as soon as it exists, so peak
         memory is that of the largest module. The returned loss is detached."""
-        self._check_label(label)
+        self.check_label(label)
         x = self.prepare_tensor(x)
         total, parts, logits = 0.0, {}, None
         for ml in self.local_losses(x, label):
@@ -522,7 +527,7 @@ class LocalLearning(SlideModel):
         return StepOutput(torch.tensor(total, device=x.device), logits, parts)
 
     def training_step(self, view: SlideView, label: int, epoch: int = 0) -> StepOutput:
-        self._check_label(label)
+        self.check_label(label)
         w_in, h_in = self.input_size(view)
         x = self._reader(view, w_in, h_in)(0, h_in)
         params = [p for p in self.parameters() if p.requires_grad]

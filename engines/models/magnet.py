@@ -78,6 +78,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engines.models import backbones
+from engines.models.blocks import SmallCNN
 from engines.models.base import Emit, SlideModel, StepOutput
 from engines.sampling import Rect, SlideView, crop, theta_to_rect, zoom_theta
 from engines.trace import AttentionMap, Field, Progress, TrailStep
@@ -245,23 +246,22 @@ class GroupedLocaliser(nn.Module):
         return self.score(y).view(g, h, w)
 
 
-class SmallCNN(nn.Module):
-    """Four stride-2 conv-GN-ReLU layers and a global average: the ``tiny`` feature net."""
+class PooledSmallCNN(nn.Module):
+    """The shared small CNN and a global average: the ``tiny`` feature net."""
 
     def __init__(self, width: int) -> None:
         super().__init__()
-        chans = [3, width, 2 * width, 4 * width, 8 * width]
-        self.body = nn.Sequential(*backbones.conv_stages(chans), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.out_features = chans[-1]
+        self.body = SmallCNN(width)
+        self.out_features = self.body.out_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
+        return self.body(x).mean(dim=(2, 3))
 
 
 def _feature_net(kind: str, small_width: int) -> tuple[nn.Module, int]:
     """A network mapping (B, 3, H, W) in [0, 1]-normalised form to (B, D) features."""
     if kind == "small":
-        net = SmallCNN(small_width)
+        net = PooledSmallCNN(small_width)
         return net, net.out_features
     if kind == "inception_v3":
         # transform_input: the ImageNet weights expect inputs rescaled from ImageNet statistics.
@@ -340,8 +340,7 @@ class MagNet(SlideModel):
         return params
 
     def training_step(self, view: SlideView, label: int, epoch: int = 0) -> StepOutput:
-        if not 0 <= int(label) < self.num_classes:
-            raise ValueError(f"magnet: label {label} is not a class index (0..{self.num_classes - 1})")
+        self.check_label(label)
         out = self._forward(view, emit=None, with_aux=True)
         target = torch.tensor([int(label)], device=self.device)
         ce = F.cross_entropy(out.logits[-1:], target)

@@ -59,6 +59,7 @@ from torch import nn
 
 from engines import attention_sampling as ats
 from engines.models import backbones
+from engines.models.blocks import SmallCNN, entropy
 from engines.models.base import Emit, SlideModel, StepOutput
 from engines.sampling import SlideView, images_to_tensor
 from engines.trace import AttentionMap, Field, Progress, TrailStep
@@ -87,23 +88,23 @@ class SpatialMagConfig:
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
-            raise ValueError(f"backbone must be one of {', '.join(BACKBONES)}, not {self.backbone!r}")
+            raise ValueError(f"spatial_mag: backbone must be one of {', '.join(BACKBONES)}, not {self.backbone!r}")
         low = MIN_INPUT[self.backbone]
         tw, th = self.thumb_size
         if min(tw, th, self.patch_size) < low:
             raise ValueError(
-                f"thumb_size and patch_size must be at least {low} pixels for {self.backbone}"
+                f"spatial_mag: thumb_size and patch_size must be at least {low} pixels for {self.backbone}"
             )
         if not self.grids or any(r < 1 or c < 1 for r, c in self.grids):
-            raise ValueError("grids must list at least one (rows, cols) with positive sizes")
+            raise ValueError("spatial_mag: grids must list at least one (rows, cols) with positive sizes")
         if self.k < 1:
-            raise ValueError("k (patches per slide) must be at least 1")
+            raise ValueError("spatial_mag: k (patches per slide) must be at least 1")
         if not 0.0 <= self.attention_dropout < 1.0 or not 0.0 <= self.classifier_dropout < 1.0:
-            raise ValueError("dropout rates must lie in [0, 1)")
+            raise ValueError("spatial_mag: dropout rates must lie in [0, 1)")
         if self.entropy_weight < 0:
-            raise ValueError("entropy_weight must not be negative")
+            raise ValueError("spatial_mag: entropy_weight must not be negative")
         if self.small_width < 1:
-            raise ValueError("small_width must be positive")
+            raise ValueError("spatial_mag: small_width must be positive")
 
 
 PRESETS = {
@@ -115,15 +116,6 @@ PRESETS = {
 # ---------------------------------------------------------------------------------------
 # Networks
 # ---------------------------------------------------------------------------------------
-class SmallCNN(nn.Sequential):
-    """Four stride-2 conv-GN-ReLU layers: (B,3,H,W) -> (B, 8*width, H/16, W/16)."""
-
-    def __init__(self, width: int) -> None:
-        chans = [3, width, 2 * width, 4 * width, 8 * width]
-        super().__init__(*backbones.conv_stages(chans))
-        self.out_channels = chans[-1]
-
-
 class FeatureMaps(nn.Module):
     """A backbone trunk giving spatial feature maps, with its own input normalisation."""
 
@@ -228,11 +220,6 @@ def read_bounded(view: SlideView, rect: Rect, out_w: int, out_h: int) -> np.ndar
     return out
 
 
-def _entropy_term(p: torch.Tensor) -> torch.Tensor:
-    """R = sum P log P (the negative entropy; minimising it spreads the attention)."""
-    return (p * torch.log(p.clamp_min(1e-12))).sum()
-
-
 # ---------------------------------------------------------------------------------------
 # The model
 # ---------------------------------------------------------------------------------------
@@ -243,7 +230,7 @@ class SpatialMagNet(SlideModel):
         super().__init__(config, classes)
         cfg = config
         if self.num_classes < 2:
-            raise ValueError("spatial_mag needs at least two classes")
+            raise ValueError("spatial_mag: needs at least two classes")
         self.h = FeatureMaps(cfg.backbone, cfg.small_width)
         self.f = FeatureMaps(cfg.backbone, cfg.small_width)
         for maps in (self.h, self.f):
@@ -296,9 +283,7 @@ class SpatialMagNet(SlideModel):
 
     # -- training ------------------------------------------------------------------------
     def training_step(self, view: SlideView, label: int, epoch: int = 0) -> StepOutput:
-        if isinstance(label, bool) or not isinstance(label, (int, np.integer)) \
-                or not 0 <= label < self.num_classes:
-            raise ValueError(f"label must be a class index in [0, {self.num_classes}), got {label!r}")
+        self.check_label(label)
         layout, p = self.attend(view)
         q = self._drop(p) if self.training else p
         idx = self._sample(q)
@@ -307,7 +292,7 @@ class SpatialMagNet(SlideModel):
         feats = self.patch_features(view, [layout.cells[int(i)].rect for i in unique])[inverse]
         logits = self.classifier(self._estimate(q, idx, feats))
         ce = F.cross_entropy(logits[None], torch.tensor([int(label)], device=logits.device))
-        reg = _entropy_term(p)
+        reg = -entropy(p)  # R = sum P log P: minimising it spreads the attention
         loss = ce + self.config.entropy_weight * reg
         parts = {"loss": float(loss.detach()), "ce": float(ce.detach()), "entropy": float(reg.detach())}
         for j, share in enumerate(self._shares(layout, p)):

@@ -63,6 +63,7 @@ from engines.attention_sampling import (
     sample_without_replacement,
 )
 from engines.models.base import Emit, SlideModel, StepOutput
+from engines.models.blocks import Grid, entropy, make_grid
 from engines.sampling import SlideView
 from engines.trace import AttentionMap, Field, Progress, TrailStep
 
@@ -153,10 +154,6 @@ def reference_tile_weights(alpha: torch.Tensor) -> torch.Tensor:
     return w / total
 
 
-def _entropy(p: torch.Tensor) -> torch.Tensor:
-    return -(p * torch.log(p.clamp_min(1e-12))).sum()
-
-
 def _complement(p: torch.Tensor) -> torch.Tensor:
     """The contrastive distribution: 1 - p renormalised (uniform when p is one-hot)."""
     q = 1.0 - p
@@ -203,21 +200,6 @@ class FeatureNet(nn.Module):
         return F.normalize(z, dim=1)
 
 
-@dataclass(frozen=True)
-class _Grid:
-    """The stage-1 tile grid laid exactly over a view rectangle."""
-
-    origin: tuple[float, float]
-    rows: int
-    cols: int
-    cell: tuple[float, float]
-
-    def rect(self, index: int) -> Rect:
-        r, c = divmod(index, self.cols)
-        return (self.origin[0] + c * self.cell[0], self.origin[1] + r * self.cell[1],
-                self.cell[0], self.cell[1])
-
-
 @dataclass
 class _TileResult:
     index: int  # tile index in the stage-1 grid
@@ -242,11 +224,8 @@ class ZoomInNet(SlideModel):
         return list(self.features.parameters())
 
     # -- geometry ----------------------------------------------------------------------------
-    def _grid(self, view: SlideView) -> _Grid:
-        x, y, w, h = view.bounds
-        t = self.config.tile_size
-        rows, cols = max(1, math.ceil(h / t)), max(1, math.ceil(w / t))
-        return _Grid((x, y), rows, cols, (w / cols, h / rows))
+    def _grid(self, view: SlideView) -> Grid:
+        return make_grid(view.bounds, self.config.tile_size, fit="ceil")
 
     def _subtile_rect(self, tile: Rect, position: int) -> Rect:
         p2 = self.config.tile_pixels_2
@@ -260,7 +239,7 @@ class ZoomInNet(SlideModel):
         return (tx + c * step * (tw - sw), ty + r * step * (th - sh), sw, sh)
 
     # -- stage 1 -------------------------------------------------------------------------------
-    def _stage1(self, view: SlideView, grid: _Grid, emit: Emit | None = None) -> torch.Tensor:
+    def _stage1(self, view: SlideView, grid: Grid, emit: Emit | None = None) -> torch.Tensor:
         """Tile logits (rows, cols), computed in bands of tile rows."""
         p1 = self.config.tile_pixels_1
         halo = AttentionNet.halo
@@ -295,7 +274,7 @@ class ZoomInNet(SlideModel):
         return torch.cat(out, 0)
 
     # -- stage 2 and features ---------------------------------------------------------------
-    def _tile(self, view: SlideView, grid: _Grid, index: int, count: int,
+    def _tile(self, view: SlideView, grid: Grid, index: int, count: int,
               contrastive: bool = False, top: bool = False) -> _TileResult:
         p2, sp = self.config.tile_pixels_2, self.config.subtile_pixels
         rect = grid.rect(index)
@@ -316,7 +295,7 @@ class ZoomInNet(SlideModel):
                    tiles: dict[int, _TileResult]) -> torch.Tensor:
         return two_stage_expectation(alpha, draws, {i: t.estimate for i, t in tiles.items()})
 
-    def _pass(self, view: SlideView, grid: _Grid, alpha: torch.Tensor,
+    def _pass(self, view: SlideView, grid: Grid, alpha: torch.Tensor,
               contrastive: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """One sampled forward: slide logits and the betas it computed."""
         dist = _complement(alpha) if contrastive else alpha
@@ -329,18 +308,17 @@ class ZoomInNet(SlideModel):
 
     # -- the contract ------------------------------------------------------------------------
     def training_step(self, view: SlideView, label: int, epoch: int = 0) -> StepOutput:
-        if not 0 <= int(label) < self.num_classes:
-            raise ValueError(f"zoom_in: label {label} is not a class index (0..{self.num_classes - 1})")
+        self.check_label(label)
         grid = self._grid(view)
         alpha = torch.softmax(self._stage1(view, grid).reshape(-1), 0)
         logits, betas = self._pass(view, grid, alpha, contrastive=False)
         target = torch.tensor([int(label)], device=logits.device)
         ce = F.cross_entropy(logits[None], target)
-        entropy = _entropy(alpha) + torch.stack([_entropy(b) for b in betas]).mean()
+        spread = entropy(alpha) + torch.stack([entropy(b) for b in betas]).mean()
         # As in attention sampling and the reference code (strength x sum p log p): spread-out
         # attention lowers the loss, so the sampler keeps exploring while it learns.
-        loss = ce - self.config.entropy_weight * entropy
-        parts = {"ce": ce.item(), "entropy": entropy.item()}
+        loss = ce - self.config.entropy_weight * spread
+        parts = {"ce": ce.item(), "entropy": spread.item()}
         if (int(label) == POSITIVE and self.num_classes > POSITIVE
                 and epoch >= self.config.contrastive_warmup):
             con_logits, _ = self._pass(view, grid, alpha, contrastive=True)
