@@ -1,7 +1,8 @@
 """The ``maglens`` command line (also ``python -m app``).
 
-``maglens [view] [SLIDE]`` opens the viewer; ``info``, ``infer``, ``train``, ``synth`` and
-``snapshot`` work headless (``train`` also under ``torchrun``, one process per rank). Each
+``maglens [view] [SLIDE]`` opens the viewer (``maglens X.maglens.json`` or ``maglens view
+--project PATH`` with a project: a project file, a manifest or a folder); ``info``, ``infer``,
+``train``, ``synth`` and ``snapshot`` work headless (``train`` also under ``torchrun``, one process per rank). Each
 subcommand is one entry in ``COMMANDS`` (a name, a function that adds its arguments, and a
 handler returning the exit code), so new ones plug in without touching the dispatch.
 
@@ -180,13 +181,41 @@ def backbone_overrides(model: str | None, preset: str | None, weights: str | Non
 # view
 # ---------------------------------------------------------------------------------------
 def _configure_view(p: argparse.ArgumentParser) -> None:
-    p.add_argument("slide", nargs="?", help="slide to open (the bundled demo slide when left out)")
+    p.add_argument("slide", nargs="?", help="slide to open (the bundled demo slide when left out), "
+                                            "or a project file (*.maglens.json)")
+    p.add_argument("--project", metavar="PATH",
+                   help="open a project: a project file, a manifest CSV or a folder of slides")
     p.add_argument("--model", help="model to select in the Models dock")
     p.add_argument("--checkpoint", help="checkpoint file for that model")
 
 
+def _check_project(path: str) -> None:
+    """Open the project once here, so a bad one is one line (exit 2) before any window."""
+    from engines.cohort import CohortError
+    from engines.data import ManifestError
+    from engines.project import ProjectError, open_project
+
+    if not Path(path).exists():
+        raise UsageError(f"project {path}: no such file or folder")
+    try:
+        open_project(path)
+    except (ProjectError, CohortError) as exc:  # the message starts with the path
+        raise UsageError(f"project {_one_line(exc)}") from None
+    except ManifestError as exc:
+        more = f" (and {len(exc.problems) - 1} more)" if len(exc.problems) > 1 else ""
+        raise UsageError(f"project {path}: manifest problem: {exc.problems[0]}{more}") from None
+
+
 @command("view", "open the viewer (the default command)", _configure_view)
 def cmd_view(args: argparse.Namespace) -> int:
+    from engines.project import is_project_file
+
+    if args.slide is not None and is_project_file(args.slide):
+        if args.project is not None:
+            raise UsageError("give one project: a project file or --project PATH")
+        args.project, args.slide = args.slide, None
+    if args.project is not None:
+        _check_project(args.project)
     if args.slide is not None and not Path(args.slide).exists():
         hint = "" if os.sep in args.slide or "." in args.slide else (
             f" (and not a command: {', '.join(COMMANDS)})")
@@ -200,6 +229,8 @@ def cmd_view(args: argparse.Namespace) -> int:
     _check_model_name(args.model)
     from app.main_window import launch  # Qt loads only for the viewer
 
+    if args.project is not None:
+        return int(launch(args.slide, args.model, args.checkpoint, project=args.project) or 0)
     return int(launch(args.slide, args.model, args.checkpoint) or 0)
 
 
@@ -235,12 +266,32 @@ def _configure_infer(p: argparse.ArgumentParser) -> None:
                                  "traces/, predictions.csv and summary.json (required)")
     p.add_argument("--workers", type=positive_int, metavar="N",
                    help="cohort only: run N slides at once in N processes (default 1)")
-    p.add_argument("--geojson", help="write fields and attention cells as GeoJSON (QuPath)")
+    p.add_argument("--annotations", metavar="DIR",
+                   help="cohort only: folder of annotation files named after the slides "
+                        "(<stem>.geojson, .json or .xml); adds attention_ratio and dice")
+    p.add_argument("--annotation-class", metavar="NAME", default=None,
+                   help="class of the annotations to score against (default Tumor; '*' for all; "
+                        "a slide without that class gets no score)")
+    p.add_argument("--geojson", help="write the fields and the attention as iso-contours (top "
+                                     "1, 5, 10 %% of the mass) as GeoJSON (QuPath)")
+    p.add_argument("--geojson-cells", action="store_true",
+                   help="with --geojson: one feature per attention cell instead of contours")
+    p.add_argument("--contour-levels", type=_contour_levels, metavar="P,P,...",
+                   help="with --geojson: the contour levels in percent of the mass (default 1,5,10)")
     p.add_argument("--roi", type=parse_rect, metavar="X,Y,W,H",
                    help="run on this level-0 rectangle only")
     p.add_argument("--threads", type=positive_int, metavar="N", help="torch threads")
     _add_device(p, "the model")
     _add_backbone_weights(p)
+
+
+def _contour_levels(text: str) -> tuple[float, ...]:
+    from engines.map_export import MapExportError, parse_levels
+
+    try:
+        return parse_levels(text)
+    except MapExportError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 class ProgressPrinter:
@@ -296,8 +347,12 @@ def cmd_infer(args: argparse.Namespace) -> int:
         return _infer_cohort(args)
     if args.workers is not None:
         raise UsageError("--workers is for a manifest or a folder of slides, not one slide")
+    if args.annotations is not None or args.annotation_class is not None:
+        raise UsageError("--annotations is for a manifest or a folder of slides, not one slide")
     _writable_target(args.out, "--out")
     _writable_target(args.geojson, "--geojson")
+    if args.geojson is None and (args.geojson_cells or args.contour_levels):
+        raise UsageError("--geojson-cells and --contour-levels go with --geojson FILE")
     if args.checkpoint is not None:
         _existing_file(args.checkpoint, "checkpoint")
 
@@ -371,8 +426,12 @@ def _infer(args: argparse.Namespace, slide) -> int:
     trace = _run_model(model, slide, args.roi, sha, device)
     if args.out:
         trace.save(args.out)
-    if args.geojson:
+    if args.geojson and args.geojson_cells:
         trace.save_geojson(args.geojson)
+    elif args.geojson:
+        from engines.map_export import DEFAULT_LEVELS, save_contours_geojson
+
+        save_contours_geojson(trace, args.geojson, levels=args.contour_levels or DEFAULT_LEVELS)
 
     probs = "  ".join(f"{c}={p:.3f}" for c, p in zip(trace.classes, trace.probs))
     print(f"prediction: {trace.prediction}  ({probs})")
@@ -405,7 +464,21 @@ def _check_cohort_args(args: argparse.Namespace) -> Path:
             raise UsageError("--backbone-weights is for untrained models; the checkpoint holds its own weights")
     if not Path(args.slide).exists():
         raise UsageError(f"manifest {args.slide}: no such file")
+    if args.annotations is not None and not Path(args.annotations).is_dir():
+        raise UsageError(f"--annotations {args.annotations}: "
+                         f"{'not a folder' if Path(args.annotations).exists() else 'no such folder'}")
+    if args.annotation_class is not None and args.annotations is None:
+        raise UsageError("--annotation-class needs --annotations DIR")
     return out
+
+
+def _annotation_class(args: argparse.Namespace) -> str | None:
+    from engines.cohort import DEFAULT_ANNOTATION_CLASS
+
+    name = args.annotation_class
+    if name is None:
+        return DEFAULT_ANNOTATION_CLASS
+    return None if name.strip() == "*" else name.strip()
 
 
 def _cores() -> int:
@@ -493,7 +566,8 @@ def _run_cohort(args, cohort, out: Path, spec, model, sha, workers: int, rank: i
 
     out.mkdir(parents=True, exist_ok=True)
     try:
-        run_slides(mine, spec, out, workers, model=model, sha=sha, on_result=on_result)
+        run_slides(mine, spec, out, workers, model=model, sha=sha, on_result=on_result,
+                   annotations=args.annotations, annotation_class=_annotation_class(args))
     finally:
         if bar is not None:
             bar.finish()
@@ -506,12 +580,25 @@ def _run_cohort(args, cohort, out: Path, spec, model, sha, workers: int, rank: i
         counts["ran"], counts["reused"] = (int(v) for v in total)
     from engines.cohort import collect
 
-    failed = [(s, r) for s, r in zip(cohort.slides, collect(cohort, out)) if r is None or r.error]
+    records = collect(cohort, out)
+    failed = [(s, r) for s, r in zip(cohort.slides, records) if r is None or r.error]
     if rank != 0:
         return EXIT_FAILED if failed else EXIT_OK
     summary = write_outputs(cohort, out, list(model.classes), run_identity(spec, model, sha))
     _print_cohort_summary(summary, counts, failed, out)
+    _print_annotation_problems(cohort, records)
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def _print_annotation_problems(cohort, records) -> None:
+    """Annotation files that could not be read: warnings (the slide keeps its prediction)."""
+    bad = [(s, r.scored["error"]) for s, r in zip(cohort.slides, records)
+           if r is not None and r.scored and r.scored.get("error")]
+    for s, problem in bad[:10]:
+        print(f"{PROG} infer: warning: {s.name}: annotations not scored: {problem}", file=sys.stderr)
+    if len(bad) > 10:
+        print(f"{PROG} infer: warning: ... and {len(bad) - 10} more slide(s) whose annotations "
+              "could not be read", file=sys.stderr)
 
 
 def _print_cohort_summary(summary: dict, counts: dict, failed: list, out: Path) -> None:
@@ -523,6 +610,10 @@ def _print_cohort_summary(summary: dict, counts: dict, failed: list, out: Path) 
         if summary["auroc_ci95"] is not None:
             lo, hi = summary["auroc_ci95"]
             line += f" (95% CI {lo:.3f}-{hi:.3f})"
+    ratio = summary.get("attention_ratio")
+    if ratio and ratio["median"] is not None:
+        line += (f"; attention-in-annotation ratio median {ratio['median']:.3f} "
+                 f"on {ratio['n']} annotated slide(s)")
     print(line)
     for s, r in failed[:10]:
         print(f"{PROG} infer: {s.name}: {r.error if r is not None else 'not run'}", file=sys.stderr)
@@ -961,7 +1052,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
         description="MagLens: a whole-slide image viewer that shows how attention models look.",
-        epilog=f"'{PROG} SLIDE' alone opens the viewer on SLIDE.",
+        epilog=f"'{PROG} SLIDE' alone opens the viewer on SLIDE; '{PROG} PROJECT.maglens.json' "
+               "on a project (also 'view --project PATH' for a folder or manifest).",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for cmd in COMMANDS.values():

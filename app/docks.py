@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import numpy as np
 from PySide6.QtCore import QObject, QRectF, QSize, QSortFilterProxyModel, Qt, Signal
-from PySide6.QtGui import QColor, QImage, QPainter, QStandardItem, QStandardItemModel
+from PySide6.QtGui import QColor, QIcon, QImage, QPainter, QPixmap, QStandardItem, QStandardItemModel
 from PySide6.QtWidgets import (
     QAbstractItemView,
     QCheckBox,
@@ -415,6 +415,12 @@ class LayerRow(QWidget):
         layout.setSpacing(1)
         layout.addLayout(top)
         layout.addWidget(self.legend)
+        # Layers made of classes (annotations) get a toggle per class, with its colour.
+        self.class_boxes: dict[str, QCheckBox] = {}
+        self._class_list = QVBoxLayout()
+        self._class_list.setContentsMargins(18, 0, 0, 0)
+        self._class_list.setSpacing(0)
+        layout.addLayout(self._class_list)
 
         self.sync()
         self.checkbox.toggled.connect(self._on_toggled)
@@ -431,8 +437,31 @@ class LayerRow(QWidget):
             w.blockSignals(False)
         self.percent.setText(f"{self.slider.value()}%")
         self.slider.setEnabled(self.checkbox.isChecked())
-        self.legend.setText(_legend_html(self.overlay))
+        self._sync_classes()
+        self.legend.setText("" if self.class_boxes else _legend_html(self.overlay))
         self.legend.setVisible(bool(self.legend.text()))
+
+    def _sync_classes(self) -> None:
+        """One checkbox per class of an overlay that has classes; rebuilt when they change."""
+        classes = getattr(self.overlay, "classes", None)
+        if not callable(classes) or not hasattr(self.overlay, "set_class_visible"):
+            return
+        entries = [(str(name), QColor(color)) for name, color in classes()]
+        if [(n, c.name()) for n, c in entries] != [(n, b.property("swatch")) for n, b in self.class_boxes.items()]:
+            _clear_layout(self._class_list)
+            self.class_boxes = {}
+            for name, color in entries:
+                box = QCheckBox(name)
+                box.setIcon(_swatch_icon(color))
+                box.setProperty("swatch", color.name())
+                box.toggled.connect(lambda on, n=name: self.overlay.set_class_visible(n, on))
+                self._class_list.addWidget(box)
+                self.class_boxes[name] = box
+        for name, box in self.class_boxes.items():
+            box.blockSignals(True)
+            box.setChecked(bool(self.overlay.class_visible(name)))
+            box.setEnabled(bool(self.overlay.visible))
+            box.blockSignals(False)
 
     def _on_toggled(self, checked: bool) -> None:
         self.overlay.visible = checked
@@ -441,6 +470,12 @@ class LayerRow(QWidget):
     def _on_slider(self, value: int) -> None:
         self.overlay.opacity = value / 100.0
         self.percent.setText(f"{value}%")
+
+
+def _swatch_icon(color: QColor) -> QIcon:
+    pix = QPixmap(12, 12)
+    pix.fill(color)
+    return QIcon(pix)
 
 
 def _legend_html(overlay: Any) -> str:

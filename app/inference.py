@@ -1,8 +1,10 @@
-"""Running models from the GUI: the engine thread, live trace layers, traces kept per slide
-and model, the magnification path, the probability trail, and trace files.
+"""What the GUI shows of model runs: live trace layers on the canvas, the trace shown per
+slide and model, the magnification path and Play, the probability trail, hover text and trace
+files.
 
-Only Qt signals cross between the engine thread and the GUI; every event carries its run id
-and events of a cancelled or superseded run are dropped.
+Runs themselves (the engine thread, run ids, cancel, slide and project runs) belong to
+``app.run_controller.RunController``; traces and project results live in
+``app.results_store.ResultsStore``. This module keeps the view of them.
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ from PySide6.QtGui import QMouseEvent
 
 from app.engine import EngineThread
 from app.checkpoint_info import read_checkpoint_info
-from app.models_dock import WHOLE_SLIDE, ModelsPanel, RunRequest, RunStatus
+from app.models_dock import WHOLE_SLIDE, ModelsPanel, RunRequest, RunStatus, Scope
+from app.results_store import ResultsStore, TraceKey
 from app.trail_dock import TrailPlot
 from engines.slide import Slide
 from engines.trace import AttentionMap, Field, Progress, SlideRef, Trace, TraceError, TrailStep
@@ -90,7 +93,7 @@ def make_inference_job(request: RunRequest, slide: Slide, roi, nice: int = ENGIN
     return job
 
 
-Key = tuple[str, str, str]  # (slide path, model, trace name): "whole slide" or "region ..."
+Key = TraceKey  # (slide path, model, trace name): "whole slide", "region ..." or a project run's name
 
 
 def scope_name(roi) -> str:
@@ -122,27 +125,27 @@ class InferenceController(QObject):
     trace_changed = Signal(object)  # the TraceLayers now shown, or None
 
     def __init__(self, window, canvas, panel: ModelsPanel, plot: TrailPlot,
-                 engine: EngineThread | None = None, job_factory=make_inference_job) -> None:
+                 engine: EngineThread | None = None, job_factory=make_inference_job,
+                 store: ResultsStore | None = None) -> None:
         super().__init__(window)
+        from app.run_controller import RunController
+
         keep_gui_responsive()
         self.window = window
         self.canvas = canvas
         self.panel = panel
         self.plot = plot
-        self.engine = engine or EngineThread(self)
-        self.job_factory = job_factory
-        self.layers: dict[Key, TraceLayers] = {}
-        self.statuses: dict[Key, RunStatus] = {}  # how each trace's last run ended
+        if store is None:
+            store = getattr(window, "results", None) or ResultsStore(self)
+        self.store = store
+        self.runs = RunController(store, engine or EngineThread(self), job_factory, parent=self)
+        self.layers: dict[Key, TraceLayers] = {}  # the canvas layers of each trace, made when first shown
         self._last_scope: dict[tuple[str, str], str] = {}  # (slide, model) -> trace name shown last
         self.current: TraceLayers | None = None
         self.compare: TraceLayers | None = None  # another trace shown alongside
         self.shown_key: Key | None = None  # whose trace and status the dock shows
         self._compare_ids: dict[str, Key] = {}
         self._hovering = False
-        self.run_id: int | None = None
-        self._run_key: Key | None = None
-        self._run_started = 0.0
-        self._run_progress: Progress | None = None
         self._replaced: TraceLayers | None = None  # the trace a running run will replace
         self.last_error: str | None = None
         self.rubber = RubberBandOverlay()
@@ -165,15 +168,53 @@ class InferenceController(QObject):
         panel.map_chosen.connect(self.choose_map)
         panel.compare_changed.connect(self.set_compare)
         panel.trace_chosen.connect(self.choose_trace)
-        panel.model_combo.currentTextChanged.connect(self._show_for_model)
+        panel.model_changed.connect(self._show_for_model)
+        panel.project_run_requested.connect(self.run_project)
+        panel.project_cancel_requested.connect(self.runs.cancel_project)
         plot.step_clicked.connect(self.go_to_step)
-        self.engine.event.connect(self._on_event)
-        self.engine.done.connect(self._on_done)
-        self.engine.failed.connect(self._on_failed)
-        self.engine.cancelled.connect(self._on_cancelled)
+        runs = self.runs
+        runs.slide_event.connect(self._on_event)
+        runs.slide_done.connect(self._on_done)
+        runs.slide_failed.connect(self._on_failed)
+        runs.slide_cancelled.connect(self._on_cancelled)
+        runs.project_progress.connect(lambda text, done, total: panel.set_project_progress(done, total, text))
+        runs.project_finished.connect(self._on_project_finished)
+        runs.busy_changed.connect(lambda _busy: self._update_project_controls())
+        store.project_changed.connect(lambda _p: self._update_project_controls())
+        store.traces_changed.connect(self._on_traces_changed)
+        store.result_changed.connect(self._on_result_changed)
+        self._update_project_controls()
         canvas.installEventFilter(self)
         canvas.cursor_moved.connect(self._on_cursor)
         self._show(None)  # nothing to show before a slide and a trace exist
+
+    # -- the run controller's state, as the views read it ---------------------------------
+    @property
+    def engine(self) -> EngineThread:
+        return self.runs.engine
+
+    @property
+    def job_factory(self):
+        return self.runs.job_factory
+
+    @job_factory.setter
+    def job_factory(self, factory) -> None:
+        self.runs.job_factory = factory
+
+    @property
+    def statuses(self) -> dict[Key, RunStatus]:
+        return self.runs.statuses
+
+    @property
+    def run_id(self) -> int | None:
+        """The slide run going, if any."""
+        run = self.runs.slide_run()
+        return run.id if run is not None else None
+
+    @property
+    def _run_key(self) -> Key | None:
+        run = self.runs.slide_run()
+        return run.key if run is not None else None
 
     # -- keys ------------------------------------------------------------------------------
     def _slide_key(self) -> str | None:
@@ -185,13 +226,45 @@ class InferenceController(QObject):
         slide = self._slide_key()
         if slide is None:
             return None
-        return (slide, model, self._last_scope.get((slide, model), WHOLE_SLIDE))
+        name = self._last_scope.get((slide, model))
+        if name is None:  # nothing chosen yet: the whole slide's trace, else the first listed
+            names = self.traces_of(model)
+            name = WHOLE_SLIDE if WHOLE_SLIDE in names or not names else names[0]
+        return (slide, model, name)
 
     def traces_of(self, model: str) -> list[str]:
         """Names of ``model``'s traces (and failed runs) of the open slide."""
         slide = self._slide_key()
-        names = {k[2] for k in list(self.layers) + list(self.statuses) if k[0] == slide and k[1] == model}
+        keys = list(self.layers) + list(self.statuses)
+        if slide is not None:
+            keys += self.store.trace_keys(slide, model)
+        names = {k[2] for k in keys if k[0] == slide and k[1] == model}
         return sorted(names, key=lambda n: (n != WHOLE_SLIDE, n))
+
+    def _layers_for(self, key: Key | None) -> TraceLayers | None:
+        """``key``'s canvas layers, made (hidden) from the store's trace when first needed."""
+        if key is None:
+            return None
+        layers = self.layers.get(key)
+        if layers is None:
+            trace = self.store.trace(key)
+            if trace is not None:
+                layers = self.layers[key] = self._new_layers(trace, key[2])
+        return layers
+
+    def _on_traces_changed(self, slide: str) -> None:
+        """Traces the store dropped (a project closed) leave the canvas; new ones are listed."""
+        for key in [k for k in self.layers if k[0] == slide and k != self._run_key]:
+            if self.store.trace(key) is None:
+                layers = self.layers.pop(key)
+                layers.hide()
+                if layers is self.compare:
+                    self.compare = None
+                if layers is self.current:
+                    self.current = None
+                    self._show(self.key_for_model(self.panel.model()))
+        if slide == self._slide_key():
+            self._refresh_choosers()
 
     def slide_changed(self) -> None:
         """Show what belongs to the newly opened slide only: its traces (kept from before)
@@ -200,13 +273,21 @@ class InferenceController(QObject):
         self.status.emit("")  # nor is a message about the previous slide
         self.rubber.set_rect(None)
         self.canvas.remove_overlay(self.rubber)
-        if self.panel.scope_combo.currentText() == "Drawn rectangle":
-            self.panel.scope_combo.setCurrentText("Whole slide")  # its rectangle is gone
+        if self.panel.scope() is Scope.DRAWN:
+            self.panel.set_scope(Scope.WHOLE)  # its rectangle is gone
         for layers in self.layers.values():
             layers.hide()
         self.current = None
         self.compare = None
-        self._show(self.key_for_model(self.panel.model_combo.currentText()))
+        slide = self._slide_key()
+        run_keys = self.store.load_project_traces(slide) if slide is not None else []
+        model = self.panel.model()
+        if run_keys and not self.traces_of(model):
+            # A project slide opens with what its runs found: that model's trace.
+            self.panel.set_model(run_keys[-1][1])  # shows it (the model changed)
+            if self.panel.model() != model:
+                return
+        self._show(self.key_for_model(self.panel.model()))
 
     def _show_for_model(self, model: str) -> None:
         self.status.emit("")  # a message about the previous model's run is not about this one
@@ -217,7 +298,7 @@ class InferenceController(QObject):
         slide = self._slide_key()
         if slide is None or not name:
             return
-        model = self.panel.model_combo.currentText()
+        model = self.panel.model()
         self._last_scope[(slide, model)] = name
         self._show((slide, model, name))
 
@@ -225,7 +306,7 @@ class InferenceController(QObject):
         """Make ``key`` the trace on screen: its layers, prediction, trail, path position and
         run status; anything of another key goes."""
         self.stop_playing()
-        layers = self.layers.get(key) if key is not None else None
+        layers = self._layers_for(key)
         if self.current is not None and self.current is not layers and self.current is not self.compare:
             self.current.hide()
         if layers is not None and layers is self.compare:
@@ -235,7 +316,7 @@ class InferenceController(QObject):
         # A trace comes back where its path was left: the highlight and the label agree.
         self._stop, path_text = getattr(layers, "path_position", (-1, "—"))
         self.last_error = None
-        self.panel.path_label.setText(path_text)
+        self.panel.set_path_text(path_text)
         if layers is not None:
             self._apply_settings(layers)
             layers.show()
@@ -245,13 +326,16 @@ class InferenceController(QObject):
         else:
             self.plot.clear()
             self.panel.show_prediction([], [])
-        if key is not None and key == self._run_key and self.run_id is not None:
-            self.panel.set_running(True, self._run_started)
-            if self._run_progress is not None:
-                p = self._run_progress
+        run = self.runs.slide_run()
+        if key is not None and run is not None and key == run.key:
+            self.panel.set_running(True, run.started)
+            if run.progress is not None:
+                p = run.progress
                 self.panel.set_progress(p.done, p.total, p.stage)
         else:
             status = self.statuses.get(key) if key is not None else None
+            if status is None and key is not None and self.store.is_run_trace(key):
+                status = RunStatus(f"From the project run {key[2]}", done=True)
             self.panel.show_status(status, cancel_enabled=self.run_id is not None)
             if status is not None and status.error:
                 self.last_error = status.error
@@ -262,16 +346,14 @@ class InferenceController(QObject):
         return key is not None and key == self.shown_key
 
     def _apply_settings(self, layers: TraceLayers) -> None:
-        p = self.panel
-        layers.apply_settings(p.colormap_combo.currentText(), p.joint_check.isChecked(),
-                              p.smooth_check.isChecked(), p.map_opacity.value() / 100.0)
+        m = self.panel.map_settings()
+        layers.apply_settings(m.colormap, m.joint, m.smooth, m.opacity)
 
-    def _new_layers(self, trace: Trace) -> TraceLayers:
-        p = self.panel
-        scope = scope_name(trace.roi)
-        return TraceLayers(self.canvas, trace, colormap=p.colormap_combo.currentText(),
-                           joint=p.joint_check.isChecked(), smooth=p.smooth_check.isChecked(),
-                           map_opacity=p.map_opacity.value() / 100.0,
+    def _new_layers(self, trace: Trace, name: str | None = None) -> TraceLayers:
+        m = self.panel.map_settings()
+        scope = name or scope_name(trace.roi)
+        return TraceLayers(self.canvas, trace, colormap=m.colormap, joint=m.joint, smooth=m.smooth,
+                           map_opacity=m.opacity,
                            label=trace_label(trace.model, scope))
 
     def _each_shown(self, fn) -> None:
@@ -289,10 +371,11 @@ class InferenceController(QObject):
             visible = next((i for i, o in enumerate(cur.maps) if o.visible), -1)
             self.panel.set_maps([o.map.name for o in cur.maps], visible)
         slide = self._slide_key() or ""
-        model = self.panel.model_combo.currentText()
+        model = self.panel.model()
         self.panel.set_trace_choices(self.traces_of(model), self.shown_key[2] if self.shown_key else "")
-        self._compare_ids = {trace_label(k[1], k[2]): k for k, v in self.layers.items()
-                             if k[0] == slide and v is not cur}
+        keys = [k for k in self.layers if k[0] == slide] + self.store.trace_keys(slide)
+        self._compare_ids = {trace_label(k[1], k[2]): k for k in dict.fromkeys(keys)
+                             if cur is None or self.layers.get(k) is not cur}
         items = [(label, label) for label in sorted(self._compare_ids)]
         current = next((label for label, k in self._compare_ids.items()
                         if self.compare is not None and self.layers.get(k) is self.compare), "")
@@ -309,7 +392,7 @@ class InferenceController(QObject):
         if self.compare is not None and self.compare is not self.current:
             self.compare.hide()
         key = self._compare_ids.get(name) if name else None
-        layers = self.layers.get(key) if key is not None else None
+        layers = self._layers_for(key)
         self.compare = layers if layers is not self.current else None
         if self.compare is not None:
             self._apply_settings(self.compare)
@@ -317,14 +400,14 @@ class InferenceController(QObject):
         self._refresh_choosers()
 
     # -- running ---------------------------------------------------------------------------
-    def roi_for(self, scope: str):
+    def roi_for(self, scope: Scope):
         s = self.canvas.slide
-        if scope == "Current view":
+        if scope is Scope.VIEW:
             x, y, w, h = self.canvas.camera.view_rect()
             x0, y0 = max(x, 0.0), max(y, 0.0)
             x1, y1 = min(x + w, float(s.width)), min(y + h, float(s.height))
             return (x0, y0, x1 - x0, y1 - y0) if x1 > x0 and y1 > y0 else None
-        if scope == "Drawn rectangle":
+        if scope is Scope.DRAWN:
             return self.rubber.rect
         return None
 
@@ -351,11 +434,12 @@ class InferenceController(QObject):
             self._fail(refused)
             return None
         roi = self.roi_for(request.scope)
-        if request.scope == "Drawn rectangle" and roi is None:
+        if request.scope is Scope.DRAWN and roi is None:
             self._fail("Draw a rectangle first: Shift+drag on the slide.")
             return None
-        if self.run_id is not None:
-            self.engine.cancel(self.run_id)
+        if self.runs.project_run() is not None:
+            self._fail("A project run is going: wait for it or cancel it first.")
+            return None
         scope = scope_name(roi)
         key = (str(slide.path), request.model, scope)
         old = self.layers.pop(key, None)
@@ -369,25 +453,57 @@ class InferenceController(QObject):
         trace = Trace(model=request.model, preset=request.preset, checkpoint=None,
                       slide=SlideRef(str(slide.path), slide.width, slide.height, slide.mpp), roi=roi)
         self.layers[key] = self._new_layers(trace)
-        self.statuses.pop(key, None)
         self._last_scope[(key[0], key[1])] = scope
         if request.checkpoint:
             self.panel.add_recent_checkpoint(request.checkpoint, request.model)
-        self._run_key = key
-        self._run_started = time.monotonic()
-        self._run_progress = None
-        self.run_id = self.engine.submit(self.job_factory(request, slide, roi))
+        run_id = self.runs.start_slide(request, slide, roi, key)
+        self.store.put_trace(key, trace)  # the live trace: it fills as the run goes
         self._show(key)
-        return self.run_id
+        return run_id
 
     def cancel(self) -> None:
-        """Esc: stop Play, and cancel the run in progress."""
+        """Esc: stop Play, and cancel the slide run in progress (a project run goes on: it
+        has its own Cancel)."""
         self.stop_playing()
-        if self.run_id is not None:
-            self.engine.cancel(self.run_id)
+        self.runs.cancel_slide()
 
     def _mine(self, run_id: int) -> bool:
         return run_id == self.run_id
+
+    # -- the project run -------------------------------------------------------------------
+    def run_project(self, request: RunRequest) -> int | None:
+        """"Run on project": the chosen model over every slide of the open project."""
+        if self.store.project is None:
+            self._fail("Open a project first.")
+            return None
+        refused = self.check_request(request)
+        if refused:
+            self._fail(refused)
+            return None
+        if self.runs.busy:
+            self._fail("A run is going: wait for it or cancel it first.")
+            return None
+        if request.checkpoint:
+            self.panel.add_recent_checkpoint(request.checkpoint, request.model)
+        run_id = self.runs.start_project(request)
+        self._update_project_controls()
+        return run_id
+
+    def _update_project_controls(self) -> None:
+        running = self.runs.project_run() is not None
+        self.panel.set_project_state(self.store.project is not None, running, self.runs.busy)
+
+    def _on_project_finished(self, name: str, text: str) -> None:
+        self._update_project_controls()
+        self.status.emit(f"Project run {name}: {text}" if name else f"Project run: {text}")
+
+    def _on_result_changed(self, run: str, key: str) -> None:
+        """A project run finished the open slide: its trace joins the Trace list."""
+        slide = self._slide_key()
+        project = self.store.project
+        if slide is not None and project is not None and project.key_of(slide) == key:
+            self.store.load_project_traces(slide)
+            self._refresh_choosers()
 
     def _layers_of_run(self) -> TraceLayers | None:
         return self.layers.get(self._run_key) if self._run_key else None
@@ -398,7 +514,9 @@ class InferenceController(QObject):
         layers = self._layers_of_run()
         shown = self._shown(self._run_key)
         if isinstance(event, Progress):
-            self._run_progress = event
+            run = self.runs.slide_run()
+            if run is not None:
+                run.progress = event
             if shown:
                 self.panel.set_progress(event.done, event.total, event.stage)
             return
@@ -413,54 +531,52 @@ class InferenceController(QObject):
             if len(layers.trail.steps) == 1:
                 self.trace_changed.emit(layers)  # the first step: time to show the plot
 
-    def _end_run(self, status: RunStatus) -> tuple[Key | None, bool]:
-        """Record how the run ended; a run that drew nothing gives the screen back to the
+    def _end_run(self, run, status: RunStatus) -> tuple[Key | None, bool]:
+        """Record how ``run`` ended; a run that drew nothing gives the screen back to the
         trace it was to replace. Returns the run's key and whether it is on screen."""
-        key = self._run_key
-        self.run_id = None
-        self._run_progress = None
+        key = run.key
         if key is None:
             return None, False
         self.statuses[key] = status
         layers = self.layers.get(key)
-        if (status.error or status.stage == "Cancelled") and layers is not None and layers.empty:
+        if (status.error or status.cancelled) and layers is not None and layers.empty:
             layers.hide()
             if layers is self.current:
                 self.current = None
             if self._replaced is not None:
                 self.layers[key] = self._replaced
+                self.store.put_trace(key, self._replaced.trace)
             else:
                 del self.layers[key]
+                self.store.remove_trace(key)
         self._replaced = None
         return key, self._shown(key)
 
-    def _on_done(self, run_id: int, trace: Trace) -> None:
-        if not self._mine(run_id):
-            return
-        note = f"Done in {time.monotonic() - self._run_started:.1f} s"
+    def _on_done(self, run, trace: Trace) -> None:
+        note = f"Done in {time.monotonic() - run.started:.1f} s"
         if trace.checkpoint is None:
             note += " — initial weights (no checkpoint)"
-        layers = self._layers_of_run()
-        key, shown = self._end_run(RunStatus(note, done=True))
+        layers = self.layers.get(run.key) if run.key else None
+        key, shown = self._end_run(run, RunStatus(note, done=True))
         if layers is not None:
             layers.finish(trace)
+        if key is not None:
+            self.store.put_trace(key, trace)
         if shown:
             if layers is not None and layers is self.current:
                 self.plot.set_steps(trace.trail, layers.trail.positive, layers.trail.positive_label)
                 self.trace_changed.emit(layers)
             self.panel.set_finished(trace.classes, trace.probs, note)
         else:
-            self.panel.cancel_button.setEnabled(False)
+            self.panel.set_cancel_enabled(False)
         self.status.emit(f"{trace.model}: {trace.prediction} ({max(trace.probs):.2f})" if trace.probs else note)
 
-    def _on_failed(self, run_id: int, message: str) -> None:
-        if not self._mine(run_id):
-            return
-        key, shown = self._end_run(RunStatus("Failed", message))
+    def _on_failed(self, run, message: str) -> None:
+        key, shown = self._end_run(run, RunStatus("Failed", message))
         if shown:
             self._show(key)
         else:
-            self.panel.cancel_button.setEnabled(False)
+            self.panel.set_cancel_enabled(False)
         if key is not None and key[0] == self._slide_key():  # not over another slide
             self.status.emit(f"Model run failed: {message}")
         log.error("model run failed: %s", message)
@@ -472,14 +588,12 @@ class InferenceController(QObject):
         self.status.emit(f"Model run failed: {message}")
         log.error("model run failed: %s", message)
 
-    def _on_cancelled(self, run_id: int) -> None:
-        if not self._mine(run_id):
-            return
-        key, shown = self._end_run(RunStatus("Cancelled"))
+    def _on_cancelled(self, run) -> None:
+        key, shown = self._end_run(run, RunStatus("Cancelled", cancelled=True))
         if shown:
             self._show(key)
         else:
-            self.panel.cancel_button.setEnabled(False)
+            self.panel.set_cancel_enabled(False)
         if key is not None and key[0] == self._slide_key():
             self.status.emit("Model run cancelled")
 
@@ -510,7 +624,7 @@ class InferenceController(QObject):
         self._refresh_choosers()
         shown = f" — showing {stop.maps[0].map.name}" if stop.maps and stop.overlay is None else ""
         text = f"{i + 1} / {len(stops)}: {stop.title}{shown}"
-        self.panel.path_label.setText(text)
+        self.panel.set_path_text(text)
         self.current.path_position = (i, text)  # shown again when this trace comes back
         return stop.title
 
@@ -547,11 +661,7 @@ class InferenceController(QObject):
         """Stop Play (at its end, on Esc, on the user's own pan or zoom, on a new slide,
         model, trace or run) and release the Play button."""
         self._play.stop()
-        button = self.panel.play_button
-        if button.isChecked():
-            button.blockSignals(True)
-            button.setChecked(False)
-            button.blockSignals(False)
+        self.panel.release_play()
 
     @property
     def playing(self) -> bool:
@@ -609,7 +719,7 @@ class InferenceController(QObject):
                 ok = rect[2] > 1 and rect[3] > 1
                 self.rubber.set_rect(rect if ok else None)
                 if ok:
-                    self.panel.scope_combo.setCurrentText("Drawn rectangle")
+                    self.panel.set_scope(Scope.DRAWN)
                     self.status.emit(f"Region {rect[2]:.0f} x {rect[3]:.0f} px: press Run to analyse it")
                 self.canvas.update()
                 return True
@@ -684,7 +794,12 @@ class InferenceController(QObject):
 
     def open_trace(self, path: str | os.PathLike) -> TraceLayers:
         """Load a saved trace onto the open slide (which must be the slide it was made on)."""
-        trace = Trace.load(path)
+        return self.add_trace(Trace.load(path), Path(path).name)
+
+    def add_trace(self, trace: Trace, name: str) -> TraceLayers:
+        """Show ``trace`` (opened or imported from the file ``name``) on the open slide, as
+        a trace of its model; it replaces one of the same model and scope."""
+        path = Path(name)
         slide = self.canvas.slide
         if slide is None:
             raise TraceError("open the slide first, then the trace")
@@ -701,6 +816,7 @@ class InferenceController(QObject):
                 self.current = None
         layers = self._new_layers(trace)
         self.layers[key] = layers
+        self.store.put_trace(key, trace)
         self.statuses[key] = RunStatus(f"Opened {Path(path).name}", done=True)
         self._last_scope[(key[0], key[1])] = key[2]
         self.panel.set_model(trace.model)  # shows the model's trace chosen last: this one
@@ -716,4 +832,4 @@ class InferenceController(QObject):
 
     def shutdown(self) -> None:
         self._play.stop()
-        self.engine.shutdown()
+        self.runs.shutdown()

@@ -23,8 +23,16 @@ from PySide6.QtWidgets import (
 from app.display_dialog import DisplayAdjustController
 from app.docks import AssociatedImagesPanel, Background, LayersPanel, PropertiesPanel
 from app.exports import ExportJob, png_bytes
+from app.results_store import ResultsStore
 from app.inference import InferenceController
+from app.annotation_tools import install_annotations
+from app.compare_view import install_compare
+from app.map_display import install_map_display
+from app.topk_dock import install_topk
+from app.project_ui import install_projects
+from app.results_view import install_results_view
 from app.help import install_help_menu
+from app.map_files import install_map_files
 from app.models_dock import ModelsPanel
 from app.recent_labels import distinguishing_labels
 from app.trail_dock import TrailPlot
@@ -91,6 +99,13 @@ class MainWindow(QMainWindow):
         self._build_menus()
         self._connect_canvas()
         # Features that add their own docks, menus and actions (one install line each).
+        self.map_files = install_map_files(self)
+        self.results_view = install_results_view(self)
+        self.map_display = install_map_display(self)
+        self.topk = install_topk(self)
+        self.projects = install_projects(self)
+        self.compare = install_compare(self)
+        self.annotations = install_annotations(self)
         self._restore_layout()
         self._update_actions()
         if model:
@@ -106,6 +121,7 @@ class MainWindow(QMainWindow):
         self.layers_panel = LayersPanel(self.canvas)
         self.models_panel = ModelsPanel(self.settings.qsettings)
         self.trail_plot = TrailPlot()
+        self.results = ResultsStore(self)  # one owner of traces and run results
         self.inference = InferenceController(self, self.canvas, self.models_panel, self.trail_plot)
         self.inference.status.connect(lambda text: self.statusBar().showMessage(text, 8000))
 
@@ -560,8 +576,11 @@ class MainWindow(QMainWindow):
         if path:
             self.start_export_geojson(path)
 
-    def start_export_geojson(self, path: str | os.PathLike, show_progress: bool = True) -> ExportJob | None:
-        """Export the trace on screen as GeoJSON in a worker, streamed, with progress."""
+    def start_export_geojson(self, path: str | os.PathLike, show_progress: bool = True,
+                             cells: bool = False) -> ExportJob | None:
+        """Export the trace on screen as GeoJSON in a worker, streamed, with progress: its
+        attention as iso-contours (``engines.map_export``), or one feature per cell with
+        ``cells``."""
         try:
             trace = self._current_trace("export")
         except TraceError as exc:
@@ -570,7 +589,12 @@ class MainWindow(QMainWindow):
         target = Path(path)
 
         def work(cancel, progress) -> None:
-            trace.save_geojson(target, progress=progress, cancel=cancel)
+            from engines import map_export
+
+            if cells:
+                trace.save_geojson(target, progress=progress, cancel=cancel)
+            else:
+                map_export.save_contours_geojson(trace, target, progress=progress, cancel=cancel)
 
         return self._run_export(f"Exporting {target.name}…", target, work, show_progress,
                                 lambda msg: self.show_error("Cannot export GeoJSON", msg))
@@ -701,8 +725,9 @@ def _write_png(image, target: Path, cancel) -> None:
 
 
 def launch(slide_path: str | None = None, model: str | None = None,
-           checkpoint: str | None = None) -> int:
-    """Run the viewer on ``slide_path`` (the bundled demo slide when None); the exit code."""
+           checkpoint: str | None = None, project: str | None = None) -> int:
+    """Run the viewer on ``slide_path`` (the bundled demo slide when None and no ``project``,
+    a project file, manifest or folder, is given); the exit code."""
     app = QApplication.instance()
     if app is None:
         app = QApplication(sys.argv[:1])
@@ -711,5 +736,9 @@ def launch(slide_path: str | None = None, model: str | None = None,
     window = MainWindow(model=model, checkpoint=checkpoint)
     window.show()
     # Open once the event loop runs, so the window appears before the first decode.
-    QTimer.singleShot(0, lambda: window.open_slide(slide_path or DEMO_SLIDE))
+    with_project = project is not None and hasattr(window, "open_project")
+    if with_project:
+        QTimer.singleShot(0, lambda: window.open_project(project))
+    if slide_path is not None or not with_project:
+        QTimer.singleShot(0, lambda: window.open_slide(slide_path or DEMO_SLIDE))
     return app.exec()

@@ -2,6 +2,7 @@
 prediction; and the controls to step through what it looked at."""
 from __future__ import annotations
 
+import enum
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,16 @@ from engines import registry
 from engines.resources import resource_path
 from viewer.overlays import colormaps
 
-SCOPES = ("Whole slide", "Current view", "Drawn rectangle")
+
+
+class Scope(enum.Enum):
+    """What part of the slide a run covers (the "Run on" list keeps these as item data)."""
+    WHOLE = "whole"
+    VIEW = "view"
+    DRAWN = "drawn"
+
+
+SCOPES = {Scope.WHOLE: "Whole slide", Scope.VIEW: "Current view", Scope.DRAWN: "Drawn rectangle"}
 MAX_RECENT_CHECKPOINTS = 8
 NO_CHECKPOINT = "(initial weights)"
 WHOLE_SLIDE = "whole slide"  # the name of a trace that covers the slide
@@ -39,7 +49,16 @@ class RunRequest:
     model: str
     preset: str
     checkpoint: str | None
-    scope: str
+    scope: Scope = Scope.WHOLE
+
+
+@dataclass(frozen=True)
+class MapSettings:
+    """How the dock asks attention maps to be drawn."""
+    colormap: str
+    joint: bool
+    smooth: bool
+    opacity: float  # 0..1
 
 
 @dataclass
@@ -49,6 +68,7 @@ class RunStatus:
     stage: str = "Ready"
     error: str = ""
     done: bool = False  # the progress bar full
+    cancelled: bool = False
 
 
 class ModelsPanel(QWidget):
@@ -63,6 +83,9 @@ class ModelsPanel(QWidget):
     map_opacity_changed = Signal(float)
     compare_changed = Signal(str)  # a trace (as listed) shown alongside, "" for none
     trace_chosen = Signal(str)  # the name of one of this model's traces of the slide
+    model_changed = Signal(str)  # the chosen model's registry name
+    project_run_requested = Signal(object)  # RunRequest: run over every slide of the project
+    project_cancel_requested = Signal()
 
     def __init__(self, settings: QSettings | None = None, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -99,7 +122,8 @@ class ModelsPanel(QWidget):
         ck_row.addWidget(self.checkpoint_combo, 1)
         ck_row.addWidget(browse)
         self.scope_combo = QComboBox()
-        self.scope_combo.addItems(SCOPES)
+        for scope, label in SCOPES.items():
+            self.scope_combo.addItem(label, scope)
         self.scope_combo.setToolTip("Shift+drag on the slide draws the rectangle")
 
         # What the chosen checkpoint holds, or why it cannot be used with this model.
@@ -131,6 +155,29 @@ class ModelsPanel(QWidget):
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
+
+        # The chosen model over every slide of the open project.
+        self.project_box = QGroupBox("Project")
+        self.project_run_button = QPushButton("Run on project")
+        self.project_run_button.setToolTip("Run the chosen model and checkpoint on every slide of the "
+                                           "project; slides done before with the same checkpoint are reused")
+        self.project_run_button.setEnabled(False)
+        self.project_run_button.clicked.connect(lambda: self.project_run_requested.emit(self.request()))
+        self.project_cancel_button = QPushButton("Cancel")
+        self.project_cancel_button.setEnabled(False)
+        self.project_cancel_button.clicked.connect(self.project_cancel_requested)
+        self.project_progress = QProgressBar()
+        self.project_progress.setRange(0, 1)
+        self.project_progress.setValue(0)
+        self.project_label = QLabel("Open a project to run a model on all its slides")
+        self.project_label.setWordWrap(True)
+        prow_buttons = QHBoxLayout()
+        prow_buttons.addWidget(self.project_run_button)
+        prow_buttons.addWidget(self.project_cancel_button)
+        project_layout = QVBoxLayout(self.project_box)
+        project_layout.addLayout(prow_buttons)
+        project_layout.addWidget(self.project_progress)
+        project_layout.addWidget(self.project_label)
 
         self.progress = QProgressBar()
         self.progress.setRange(0, 1)
@@ -209,11 +256,13 @@ class ModelsPanel(QWidget):
         layout.addWidget(self.error_label)
         layout.addWidget(QLabel("Prediction"))
         layout.addWidget(self.prediction)
+        layout.addWidget(self.project_box)
         layout.addWidget(path_box)
         layout.addWidget(maps_box)
         layout.addStretch(1)
 
         self.model_combo.currentTextChanged.connect(self._refresh_checkpoints)
+        self.model_combo.currentTextChanged.connect(lambda _t: self.model_changed.emit(self.model()))
         self._refresh_checkpoints()
         self._sync_preset()
         self._file_legacy_recent()
@@ -386,8 +435,38 @@ class ModelsPanel(QWidget):
     def request(self) -> RunRequest:
         info = self.checkpoint_info()
         preset = info.preset if info is not None and info.preset else self.preset_combo.currentText()
-        return RunRequest(self.model_combo.currentText(), preset, self.checkpoint(),
-                          self.scope_combo.currentText())
+        return RunRequest(self.model(), preset, self.checkpoint(), self.scope())
+
+    def model(self) -> str:
+        """The chosen model's registry name (the list shows the names themselves)."""
+        return self.model_combo.currentText()
+
+    def scope(self) -> Scope:
+        data = self.scope_combo.currentData()
+        return data if isinstance(data, Scope) else Scope.WHOLE
+
+    def map_settings(self) -> MapSettings:
+        return MapSettings(self.colormap_combo.currentText(), self.joint_check.isChecked(),
+                           self.smooth_check.isChecked(), self.map_opacity.value() / 100.0)
+
+    def set_path_text(self, text: str) -> None:
+        """Where on the magnification path the trace shown is ("—": nowhere yet)."""
+        self.path_label.setText(text)
+
+    def release_play(self) -> None:
+        """Show Play as stopped without asking for a stop (it has stopped already)."""
+        if self.play_button.isChecked():
+            self.play_button.blockSignals(True)
+            self.play_button.setChecked(False)
+            self.play_button.blockSignals(False)
+
+    def set_cancel_enabled(self, enabled: bool) -> None:
+        self.cancel_button.setEnabled(enabled)
+
+    def set_scope(self, scope: Scope) -> None:
+        idx = self.scope_combo.findData(scope)
+        if idx >= 0:
+            self.scope_combo.setCurrentIndex(idx)
 
     def _request_run(self) -> None:
         self.run_requested.emit(self.request())
@@ -455,11 +534,27 @@ class ModelsPanel(QWidget):
 
     def set_cancelled(self) -> None:
         self.set_running(False)
-        self.show_status(RunStatus("Cancelled"))
+        self.show_status(RunStatus("Cancelled", cancelled=True))
 
     def set_error(self, message: str) -> None:
         self.set_running(False)
         self.show_status(RunStatus("Failed", message))
+
+    # -- the project run ---------------------------------------------------------------------
+    def set_project_state(self, has_project: bool, running: bool, busy: bool = False) -> None:
+        """"Run on project" needs a project and a free engine; Cancel needs a project run."""
+        self.project_run_button.setEnabled(has_project and not running and not busy)
+        self.project_cancel_button.setEnabled(running)
+        if running:
+            self.project_progress.setRange(0, 0)
+        if not has_project and not running:
+            self.project_label.setText("Open a project to run a model on all its slides")
+
+    def set_project_progress(self, done: int, total: int, text: str) -> None:
+        if total > 0:
+            self.project_progress.setRange(0, total)
+            self.project_progress.setValue(min(done, total))
+        self.project_label.setText(text)
 
     # -- map chooser and comparison (filled by the inference controller) -------------------
     def set_maps(self, names: list[str], current: int = -1) -> None:

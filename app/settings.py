@@ -23,34 +23,53 @@ def default_settings() -> QSettings:
     return QSettings(ORGANIZATION, APPLICATION)
 
 
+class RecentPaths:
+    """A most-recent-first list of paths under one settings key; paths that are gone are
+    pruned (and forgotten) when read."""
+
+    def __init__(self, qsettings: QSettings, key: str, exists=os.path.isfile) -> None:
+        self.qsettings = qsettings
+        self.key = key
+        self.exists = exists
+
+    def paths(self) -> list[str]:
+        stored = as_str_list(self.qsettings.value(self.key, []))
+        alive = [p for p in stored if self.exists(p)][:MAX_RECENT]
+        if alive != stored:
+            self._store(alive)
+        return alive
+
+    def add(self, path: str | os.PathLike) -> list[str]:
+        full = str(Path(path).resolve())
+        paths = ([full] + [p for p in self.paths() if p != full])[:MAX_RECENT]
+        self._store(paths)
+        return paths
+
+    def clear(self) -> None:
+        self._store([])
+
+    def _store(self, paths: list[str]) -> None:
+        self.qsettings.setValue(self.key, list(paths))
+        self.qsettings.sync()
+
+
 class AppSettings:
     """Typed access to the few values MagLens remembers between runs."""
 
     def __init__(self, qsettings: QSettings | None = None) -> None:
         self.qsettings = qsettings if qsettings is not None else default_settings()
+        self.recent = RecentPaths(self.qsettings, _RECENT_KEY)
 
     # -- recent files --------------------------------------------------------------------
     def recent_files(self) -> list[str]:
         """Most recent first; files that no longer exist are pruned (and forgotten)."""
-        stored = as_str_list(self.qsettings.value(_RECENT_KEY, []))
-        alive = [p for p in stored if os.path.isfile(p)][:MAX_RECENT]
-        if alive != stored:
-            self._store_recent(alive)
-        return alive
+        return self.recent.paths()
 
     def add_recent(self, path: str | os.PathLike) -> list[str]:
-        full = str(Path(path).resolve())
-        files = [full] + [p for p in self.recent_files() if p != full]
-        files = files[:MAX_RECENT]
-        self._store_recent(files)
-        return files
+        return self.recent.add(path)
 
     def clear_recent(self) -> None:
-        self._store_recent([])
-
-    def _store_recent(self, files: list[str]) -> None:
-        self.qsettings.setValue(_RECENT_KEY, list(files))
-        self.qsettings.sync()
+        self.recent.clear()
 
     # -- window layout -------------------------------------------------------------------
     def window_layout(self) -> tuple[QByteArray | None, QByteArray | None]:

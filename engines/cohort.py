@@ -8,6 +8,14 @@ process. A record is reused (the slide is skipped) when it holds no error and na
 slide file (size and mtime), model, preset and weights (checkpoint sha256, or the seeded
 initial weights of an untrained model).
 
+A slide with an annotation file (its own, ``CohortSlide.annotations``, or one named after it in
+the ``annotations`` folder of ``run_slides``) also gets the attention-in-annotation ratio and
+Dice of its trace (``engines.evaluate.score_attention``, annotations of one class, default
+"Tumor"; a file without that class gives no score rather than scoring other classes). The record
+notes the annotation file (path, size, mtime) and class it was scored against: a record whose
+model result still holds but whose annotations changed (or were given for the first time, or
+dropped) is rescored from its saved trace without running the model again.
+
 Results do not depend on which process ran a slide or in what order: before each slide the
 torch seed is set from the slide's name, so models that sample patches sample the same ones.
 """
@@ -20,7 +28,7 @@ import json
 import math
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -40,6 +48,7 @@ RECORD_FORMAT = 1
 UNTRAINED_SEED = 0  # an untrained model's weights come from this seed, so every process agrees
 BOOTSTRAP_RESAMPLES = 1000
 BOOTSTRAP_SEED = 0
+DEFAULT_ANNOTATION_CLASS = "Tumor"
 
 
 class CohortError(ValueError):
@@ -56,6 +65,7 @@ class CohortSlide:
     label: str  # "" when not known (a folder)
     split: str  # "" when not given
     key: str  # file name stem of this slide's outputs, unique in the cohort
+    annotations: Path | None = None  # this slide's annotation file, when it has its own
 
 
 @dataclass
@@ -179,20 +189,53 @@ class SlideResult:
     model_s: float = 0.0  # the model's own time (infer.run's total_s)
     error: str = ""
     format: int = RECORD_FORMAT
+    # Attention against the slide's annotations (None when not scored; records written before
+    # scores existed load with None). ``scored`` says against what: see ``score_identity``.
+    ratio: float | None = None
+    dice: float | None = None
+    scored: dict | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, allow_nan=False)
 
     @classmethod
     def from_json(cls, text: str) -> "SlideResult":
-        data = json.loads(text)
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_dict(cls, data: object) -> "SlideResult":
+        """A record from its JSON object, every field checked (``ValueError`` otherwise)."""
         if not isinstance(data, dict) or data.get("format") != RECORD_FORMAT:
             raise ValueError("not a slide record of this version")
+        missing = [k for k in ("name", "key", "label", "split", "run", "file") if k not in data]
+        if missing:
+            raise ValueError(f"missing {', '.join(missing)}")
         res = cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+        for name in ("name", "key", "label", "split", "predicted", "error"):
+            if not isinstance(getattr(res, name), str):
+                raise ValueError(f"{name} must be text")
+        if not isinstance(res.run, dict) or not (res.file is None or isinstance(res.file, dict)):
+            raise ValueError("run and file must be objects")
+        if not (isinstance(res.classes, list) and all(isinstance(c, str) for c in res.classes)):
+            raise ValueError("classes must be a list of names")
+        if not isinstance(res.probs, list):
+            raise ValueError("probs must be a list")
         if not res.error and (len(res.probs) != len(res.classes)
                               or not all(isinstance(p, float) and math.isfinite(p) for p in res.probs)):
             raise ValueError("probabilities do not match the classes")
+        for name in ("seconds", "model_s"):
+            if not _finite_number(getattr(res, name)):
+                raise ValueError(f"{name} must be a number")
+        for name in ("ratio", "dice"):
+            if getattr(res, name) is not None and not _finite_number(getattr(res, name)):
+                raise ValueError(f"{name} must be a number or null")
+        if not (res.scored is None or isinstance(res.scored, dict)):
+            raise ValueError("scored must be an object or null")
         return res
+
+
+def _finite_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def run_identity(spec: ModelSpec, model, sha: str | None) -> dict:
@@ -239,31 +282,127 @@ def slide_seed(slide: CohortSlide) -> int:
     return int.from_bytes(hashlib.sha256(slide.name.encode()).digest()[:4], "big")
 
 
-def run_slide(model, run: dict, slide: CohortSlide, out: Path, device=None) -> SlideResult:
+def annotation_file(slide: CohortSlide, folder: str | os.PathLike | None) -> Path | None:
+    """The slide's annotation file: its own, else the one named after it in ``folder``
+    (``engines.annotations.annotation_file_for``); None when it has none."""
+    if slide.annotations is not None:
+        return Path(slide.annotations)
+    if folder is None:
+        return None
+    from engines.annotations import annotation_file_for
+
+    return annotation_file_for(folder, slide.path)
+
+
+def score_identity(path: Path | None, classification: str | None) -> dict | None:
+    """What a score is valid for: the annotation file as it is now and the class scored;
+    None for a slide without annotations (it gets no score)."""
+    if path is None:
+        return None
+    return {"path": os.path.abspath(path), "class": classification, "file": _file_stamp(Path(path))}
+
+
+def score_slide(trace, slide, path: Path, classification: str | None, check=None) -> tuple:
+    """(ratio, dice, problem) of ``trace`` against the annotations of ``classification`` in
+    ``path`` within the tissue of ``slide`` (an open ``Slide``). No annotation of the class
+    in the tissue, or no attention on it, is no score and no problem; a file that cannot be
+    read, or any other failure of the measure, is no score and a one-line problem (the slide
+    keeps its prediction). A cancel propagates."""
+    from engines import infer
+    from engines.annotations import AnnotationError, load_annotations
+    from engines.evaluate import score_attention
+    from engines.tissue import tissue_of_slide
+
+    try:
+        annotations = load_annotations(path)
+    except (AnnotationError, OSError) as exc:
+        return None, None, _error_text(exc)
+    try:
+        score = score_attention(trace, annotations, tissue_of_slide(slide, check=check), classification)
+    except (infer.Cancelled, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001 - a score that cannot be made costs no prediction
+        return None, None, _error_text(exc)
+    if score is None:
+        return None, None, ""
+    # Float sums can leave -1e-12 where nothing is inside; a share is never negative.
+    return max(0.0, float(score.ratio)), max(0.0, float(score.dice)), ""
+
+
+def _apply_score(res: SlideResult, trace, slide, want: dict | None, check=None) -> None:
+    res.ratio = res.dice = None
+    res.scored = want
+    if want is None:
+        return
+    ratio, dice, problem = score_slide(trace, slide, Path(want["path"]), want["class"], check)
+    res.ratio, res.dice = ratio, dice
+    if problem:
+        res.scored = {**want, "error": problem}
+
+
+def _checker(cancel):
+    from engines import infer
+
+    def check() -> None:
+        if infer.is_cancelled(cancel):
+            raise infer.Cancelled("cohort run cancelled")
+
+    return check
+
+
+def run_slide(model, run: dict, slide: CohortSlide, out: Path, device=None, cancel=None,
+              annotations: str | os.PathLike | None = None,
+              annotation_class: str | None = DEFAULT_ANNOTATION_CLASS) -> SlideResult:
     """Run ``model`` on one slide, write its trace and record; a slide or model failure
-    becomes the record's ``error`` (a cancel or Ctrl+C propagates)."""
+    becomes the record's ``error`` (a cancel or Ctrl+C propagates and writes no record).
+    A slide with annotations (``annotation_file``) is scored against them."""
     import torch
 
     from engines import infer
+    from engines.slide import Slide
 
     t0 = time.perf_counter()
     res = SlideResult(slide.name, slide.key, slide.label, slide.split, run, _file_stamp(slide.path),
                       classes=list(model.classes))
+    want = score_identity(annotation_file(slide, annotations), annotation_class)
     try:
         torch.manual_seed(slide_seed(slide))
-        trace = infer.run(model, slide.path, checkpoint_id=run["checkpoint"], device=device)
-        trace.save(trace_path(out, slide.key))
-        res.probs = [float(p) for p in trace.probs]
-        res.predicted = res.classes[max(range(len(res.probs)), key=res.probs.__getitem__)]
-        res.model_s = float(trace.timings.get("total_s", 0.0))
+        with Slide(slide.path) as sl:
+            trace = infer.run(model, sl, cancel=cancel, checkpoint_id=run["checkpoint"], device=device)
+            trace.save(trace_path(out, slide.key))
+            res.probs = [float(p) for p in trace.probs]
+            res.predicted = res.classes[max(range(len(res.probs)), key=res.probs.__getitem__)]
+            res.model_s = float(trace.timings.get("total_s", 0.0))
+            _apply_score(res, trace, sl, want, _checker(cancel))
     except (infer.Cancelled, KeyboardInterrupt):
         raise
     except Exception as exc:  # noqa: BLE001 - any failure of one slide is that slide's error row
         res.error = _error_text(exc)
         res.probs, res.predicted = [], ""
+        res.ratio = res.dice = res.scored = None
     res.seconds = time.perf_counter() - t0
     write_atomic(record_path(out, slide.key), res.to_json())
     return res
+
+
+def rescore(rec: SlideResult, slide: CohortSlide, out: Path, want: dict | None,
+            cancel=None) -> SlideResult | None:
+    """A reusable record scored afresh from its saved trace (the model does not run);
+    None when the trace cannot be read (the slide then runs again)."""
+    from engines.slide import Slide, SlideError
+    from engines.trace import Trace, TraceError
+
+    if want is None:
+        rec.ratio = rec.dice = rec.scored = None
+    else:
+        try:
+            trace = Trace.load(trace_path(out, slide.key))
+            with Slide(slide.path) as sl:
+                _apply_score(rec, trace, sl, want, _checker(cancel))
+        except (TraceError, SlideError, OSError, ValueError):
+            return None
+    write_atomic(record_path(out, slide.key), rec.to_json())
+    return rec
 
 
 def _error_text(exc: BaseException) -> str:
@@ -279,7 +418,7 @@ def _error_text(exc: BaseException) -> str:
 _WORKER: dict = {}
 
 
-def _worker_init(spec: ModelSpec) -> None:
+def _worker_init(spec: ModelSpec, cancel=None) -> None:
     import torch
 
     from engines.devices import local_rank, resolve_device
@@ -289,22 +428,35 @@ def _worker_init(spec: ModelSpec) -> None:
     model, sha = spec.load()
     device = resolve_device(spec.device, local_rank())
     model.to(device)
-    _WORKER.update(model=model, run=run_identity(spec, model, sha), device=device)
+    _WORKER.update(model=model, run=run_identity(spec, model, sha), device=device, cancel=cancel)
 
 
-def _worker_run(slide: CohortSlide, out: str) -> SlideResult:
-    return run_slide(_WORKER["model"], _WORKER["run"], slide, Path(out))
+def _worker_run(slide: CohortSlide, out: str, annotations: str | None,
+                annotation_class: str | None) -> SlideResult:
+    cancel = _WORKER.get("cancel")
+    _checker(cancel)()  # a slide queued before the cancel does not start
+    return run_slide(_WORKER["model"], _WORKER["run"], slide, Path(out), cancel=cancel,
+                     annotations=annotations, annotation_class=annotation_class)
 
 
 def run_slides(slides: list[CohortSlide], spec: ModelSpec, out: Path, workers: int,
                model=None, sha: str | None = None,
-               on_result: Callable[[SlideResult, bool], None] | None = None) -> list[SlideResult]:
+               on_result: Callable[[SlideResult, bool], None] | None = None,
+               cancel=None, annotations: str | os.PathLike | None = None,
+               annotation_class: str | None = DEFAULT_ANNOTATION_CLASS) -> list[SlideResult]:
     """Run (or reuse) every slide of ``slides``; ``on_result(result, reused)`` as each one
     ends. One worker runs here with ``model`` (loaded from ``spec`` when None); more run in
-    that many spawned processes, each building the model from ``spec``."""
+    that many spawned processes, each building the model from ``spec``.
+
+    ``cancel`` (a ``threading.Event`` or a callable returning bool) is checked between slides
+    and inside each (``engines.infer.run``'s cancel): ``engines.infer.Cancelled`` is raised,
+    the slide in progress writes no record and the records already written stand, so the
+    same run resumes later. ``annotations`` (a folder of files named after the slides) and
+    ``annotation_class`` (None: every class) score each annotated slide (see the module)."""
     import torch
 
     from engines.devices import local_rank, resolve_device
+    from engines.infer import Cancelled, is_cancelled
 
     out = Path(out)
     if model is None:
@@ -312,49 +464,128 @@ def run_slides(slides: list[CohortSlide], spec: ModelSpec, out: Path, workers: i
     run = run_identity(spec, model, sha)
     results: dict[str, SlideResult] = {}
     todo: list[CohortSlide] = []
+    (out / TRACES).mkdir(parents=True, exist_ok=True)
     for s in slides:
         rec = reusable(out, s, run)
+        if rec is not None:
+            want = score_identity(annotation_file(s, annotations), annotation_class)
+            if rec.scored != want:
+                if is_cancelled(cancel):
+                    raise Cancelled("cohort run cancelled")
+                rec = rescore(rec, s, out, want, cancel)
         if rec is None:
             todo.append(s)
         else:
             results[s.key] = rec
             if on_result is not None:
                 on_result(rec, True)
-    (out / TRACES).mkdir(parents=True, exist_ok=True)
-    if workers <= 1 or len(todo) <= 1:
-        torch.set_num_threads(spec.threads)
-        device = resolve_device(spec.device, local_rank())
-        model.to(device)
-        # oneDNN's CPU convolutions sum in an order that depends on the thread count; torch's
-        # own do not, so without it 1 worker with 2 threads equals 2 workers with 1 each.
-        was = torch.backends.mkldnn.enabled
-        torch.backends.mkldnn.enabled = False
-        try:
-            for s in todo:
-                res = run_slide(model, run, s, out)
-                results[s.key] = res
-                if on_result is not None:
-                    on_result(res, False)
-        finally:
-            torch.backends.mkldnn.enabled = was
-    else:
-        import multiprocessing
+    folder = None if annotations is None else str(annotations)
+    torch.set_num_threads(spec.threads)
+    device = resolve_device(spec.device, local_rank())
+    model.to(device)
+    # oneDNN's CPU convolutions sum in an order that depends on the thread count; torch's
+    # own do not, so without it 1 worker with 2 threads equals 2 workers with 1 each.
+    was = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        def here(s: CohortSlide, halt=None) -> SlideResult:
+            # ``halt``: the shared run stops this process's slide too (Ctrl+C, a failed worker)
+            stop = cancel if halt is None else (lambda: halt.is_set() or is_cancelled(cancel))
+            return run_slide(model, run, s, out, cancel=stop, annotations=folder,
+                             annotation_class=annotation_class)
 
-        ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
-        with ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx, initializer=_worker_init,
-                                 initargs=(spec,)) as pool:
-            futures = [pool.submit(_worker_run, s, str(out)) for s in todo]
-            try:
-                for fut in as_completed(futures):
-                    res = fut.result()
-                    results[res.key] = res
-                    if on_result is not None:
-                        on_result(res, False)
-            except BaseException:
-                for f in futures:
-                    f.cancel()
-                raise
+        def done(res: SlideResult) -> None:
+            results[res.key] = res
+            if on_result is not None:
+                on_result(res, False)
+
+        if workers <= 1 or len(todo) <= 1:
+            for s in todo:
+                if is_cancelled(cancel):
+                    raise Cancelled("cohort run cancelled")
+                done(here(s))
+        else:
+            _run_shared(todo, here, done, spec, out, workers, cancel, folder, annotation_class)
+    finally:
+        torch.backends.mkldnn.enabled = was
     return [results[s.key] for s in slides]
+
+
+def _run_shared(todo, here, done, spec, out, workers, cancel, folder, annotation_class) -> None:
+    """``todo`` shared by this process (``here``, on a thread: it starts at once) and
+    ``workers - 1`` spawned processes, each taking the next slide when it is free, so the
+    seconds a spawned process spends importing torch are not lost. Results reach ``done``
+    on the calling thread, in the order they finish. A cancel reaches the processes through
+    a process Event, so the slides they are running stop too."""
+    import multiprocessing
+    import queue
+    import threading
+
+    from engines.infer import Cancelled, is_cancelled
+
+    lock = threading.Lock()
+    left = list(reversed(todo))  # pop() takes the next in cohort order
+
+    def take() -> CohortSlide | None:
+        with lock:
+            return left.pop() if left else None
+
+    finished: queue.Queue = queue.Queue()  # (result, None) or (None, exception) from the thread
+    halt = threading.Event()
+
+    def local() -> None:
+        try:
+            while not halt.is_set() and (s := take()) is not None:
+                finished.put((here(s, halt), None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
+            finished.put((None, exc))
+        finished.put((None, None))  # this thread is done
+
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
+    stop = ctx.Event()
+    thread = threading.Thread(target=local, name="cohort-local", daemon=True)
+    with ProcessPoolExecutor(workers - 1, mp_context=ctx, initializer=_worker_init,
+                             initargs=(spec, stop)) as pool:
+        pending: set = set()
+
+        def refill() -> None:
+            while len(pending) < workers - 1 and (s := take()) is not None:
+                pending.add(pool.submit(_worker_run, s, str(out), folder, annotation_class))
+
+        refill()
+        thread.start()
+        local_running = True
+        try:
+            while local_running or pending:
+                while True:
+                    try:
+                        res, exc = finished.get_nowait()
+                    except queue.Empty:
+                        break
+                    if exc is not None:
+                        raise exc
+                    if res is None:
+                        local_running = False
+                    else:
+                        done(res)
+                if pending:
+                    ready, pending = wait(pending, timeout=0.05, return_when=FIRST_COMPLETED)
+                    for fut in ready:
+                        done(fut.result())
+                    refill()
+                elif local_running:
+                    thread.join(0.05)
+                if is_cancelled(cancel):
+                    raise Cancelled("cohort run cancelled")
+        except BaseException:
+            halt.set()
+            stop.set()
+            for f in pending:
+                f.cancel()
+            raise
+        finally:
+            halt.set()
+            thread.join()
 
 
 # ---------------------------------------------------------------------------------------
@@ -369,15 +600,18 @@ def predictions_csv(cohort: Cohort, records: list[SlideResult | None], classes: 
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["slide", "label", "split", *(f"p_{c}" for c in classes), "predicted", "seconds",
-                "error", "checkpoint", "trace"])
+                "error", "checkpoint", "trace", "attention_ratio", "dice"])
     for s, r in zip(cohort.slides, records):
         if r is None:
-            w.writerow([s.name, s.label, s.split, *([""] * len(classes)), "", "", "not run", "", ""])
+            w.writerow([s.name, s.label, s.split, *([""] * len(classes)), "", "", "not run", "", "",
+                        "", ""])
             continue
         probs = [repr(p) for p in r.probs] if not r.error else [""] * len(classes)
         w.writerow([s.name, s.label, s.split, *probs, r.predicted, f"{r.seconds:.3f}", r.error,
                     r.run.get("checkpoint") or "",
-                    "" if r.error else f"{TRACES}/{s.key}.trace.json"])
+                    "" if r.error else f"{TRACES}/{s.key}.trace.json",
+                    "" if r.ratio is None else repr(float(r.ratio)),
+                    "" if r.dice is None else repr(float(r.dice))])
     return buf.getvalue()
 
 
@@ -385,9 +619,12 @@ def summarize(cohort: Cohort, records: list[SlideResult | None], classes: list[s
               run: dict, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> dict:
     """Counts, and for labelled slides that ran: accuracy, AUROC (binary: of the second class;
     more classes: macro one-vs-rest) with a seeded bootstrap 95 % CI, and the confusion matrix
-    (rows: label, columns: prediction, in ``classes`` order), all from scikit-learn."""
+    (rows: label, columns: prediction, in ``classes`` order), all from scikit-learn. Slides
+    scored against annotations add ``attention_ratio`` and ``dice``: median, IQR and a seeded
+    bootstrap 95 % CI of the median (``engines.evaluate.summarise``)."""
     ok = [(s, r) for s, r in zip(cohort.slides, records) if r is not None and not r.error]
     scored = [(s, r) for s, r in ok if s.label in classes]
+    annotated = [r for _, r in ok if r.scored is not None]
     summary: dict = {
         "source": str(cohort.source), "model": run.get("model"), "preset": run.get("preset"),
         "checkpoint": run.get("checkpoint"), "classes": list(classes),
@@ -395,7 +632,15 @@ def summarize(cohort: Cohort, records: list[SlideResult | None], classes: list[s
         "n_failed": len(cohort.slides) - len(ok), "n_scored": len(scored),
         "accuracy": None, "auroc": None, "auroc_ci95": None, "confusion": None,
         "bootstrap": {"resamples": resamples, "seed": seed, "usable": 0},
+        "n_annotated": len(annotated),
+        "annotation_class": next((r.scored.get("class") for r in annotated), None),
+        "attention_ratio": None, "dice": None,
     }
+    if annotated:
+        from engines.evaluate import summarise
+
+        summary["attention_ratio"] = summarise([r.ratio for r in annotated], seed=seed)
+        summary["dice"] = summarise([r.dice for r in annotated], seed=seed)
     if not scored:
         return summary
     import numpy as np

@@ -181,3 +181,79 @@ def test_two_torchrun_processes_give_the_outputs_of_one(cohort, one_run, tmp_pat
     assert _without_seconds(two) == _without_seconds(one)
     assert _summary(two) == _summary(one)
     assert sorted(p.name for p in two.rglob("*")) == sorted(p.name for p in one.rglob("*"))
+
+
+# -- cancel (the GUI's "Run on project" stops a cohort run) -------------------------------
+def _good_slides(cohort: Path):
+    from engines.cohort import read_cohort
+
+    return [s for s in read_cohort(cohort / "cohort.csv").slides if s.name != "broken.svs"]
+
+
+def _records(out: Path) -> list[str]:
+    return sorted(p.name for p in (out / "traces").glob("*.result.json"))
+
+
+def test_cancel_between_slides_keeps_the_slides_done_and_resumes(cohort, tmp_path):
+    import threading
+
+    from engines.cohort import ModelSpec, run_slides
+    from engines.infer import Cancelled
+
+    slides = _good_slides(cohort)[:3]
+    out = tmp_path / "out"
+    cancel = threading.Event()
+    seen: list[str] = []
+
+    def stop_after_first(res, reused):
+        seen.append(res.key)
+        cancel.set()
+
+    with pytest.raises(Cancelled):
+        run_slides(slides, ModelSpec(MODEL, "tiny", None), out, 1, on_result=stop_after_first,
+                   cancel=cancel)
+    assert seen == [slides[0].key] and _records(out) == [f"{slides[0].key}.result.json"]
+    reused: list[bool] = []
+    results = run_slides(slides, ModelSpec(MODEL, "tiny", None), out, 1,
+                         on_result=lambda res, r: reused.append(r), cancel=threading.Event())
+    assert reused == [True, False, False] and all(r.predicted for r in results)
+
+
+def test_cancel_inside_a_slide_writes_no_record(cohort, tmp_path):
+    from engines.cohort import ModelSpec, run_slides
+    from engines.infer import Cancelled
+
+    slides = _good_slides(cohort)[:2]
+    calls = [0]
+
+    def cancel() -> bool:  # false at the check before the slide, true once the model runs
+        calls[0] += 1
+        return calls[0] > 3
+
+    out = tmp_path / "out"
+    with pytest.raises(Cancelled):
+        run_slides(slides, ModelSpec(MODEL, "tiny", None), out, 1, cancel=cancel)
+    assert calls[0] >= 4  # stopped at a check of the model's, inside the first slide
+    assert _records(out) == [] and not list((out / "traces").glob("*.trace.json"))
+
+
+def test_cancel_reaches_worker_processes(cohort, tmp_path):
+    import threading
+
+    from engines.cohort import ModelSpec, run_slides
+    from engines.infer import Cancelled
+
+    slides = _good_slides(cohort)
+    out = tmp_path / "out"
+    cancel = threading.Event()
+    done: list[str] = []
+
+    def stop(res, reused):
+        done.append(res.key)
+        cancel.set()
+
+    with pytest.raises(Cancelled):
+        run_slides(slides, ModelSpec(MODEL, "tiny", None), out, 2, on_result=stop, cancel=cancel)
+    records = _records(out)  # the queue was dropped: not every slide ran
+    assert 1 <= len(records) < len(slides) and done[0] + ".result.json" in records
+    assert all(json.loads((out / "traces" / r).read_text())["predicted"] for r in records)

@@ -125,7 +125,9 @@ def test_geojson_export_runs_in_a_worker_and_cancel_leaves_nothing(qtbot, window
     assert window.open_trace(saved)
     on_gui: list[bool] = []
     writing = threading.Event()
-    save_geojson = Trace.save_geojson
+    from engines import map_export
+
+    save_geojson = map_export.save_contours_geojson  # the default export: iso-contours
 
     def held(self, path, progress=None, cancel=None):
         on_gui.append(threading.current_thread() is threading.main_thread())
@@ -138,7 +140,7 @@ def test_geojson_export_runs_in_a_worker_and_cancel_leaves_nothing(qtbot, window
 
         return save_geojson(self, path, progress=report, cancel=cancel)
 
-    monkeypatch.setattr(Trace, "save_geojson", held)
+    monkeypatch.setattr(map_export, "save_contours_geojson", held)
     out = tmp_path / "out"
     out.mkdir()
     _save_as(monkeypatch, out / "t.geojson")

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from engines import registry
-from engines.models.blocks import SmallCNN, entropy, make_grid
+from engines.grid import make_grid
+from engines.models.blocks import SmallCNN, entropy
 from engines.sampling import SlideView
 from engines.slide import Slide
 from tests.conftest import DEMO_SLIDE

@@ -10,6 +10,7 @@ import pytest
 from PySide6.QtCore import QPoint, QPointF, Qt
 from PySide6.QtGui import QColor
 
+from app.models_dock import Scope
 from engines.trace import AttentionMap, Field, Progress, SlideRef, Trace, TrailStep
 from tests.conftest import DATA, DEMO_SLIDE
 from tests.test_inference_gui import choose, fake, run_and_wait, wait_still, window  # noqa: F401
@@ -346,7 +347,7 @@ def test_a_superseded_run_leaves_nothing_behind(qtbot, window, fake, monkeypatch
     monkeypatch.setattr(fake, "PRESETS", {**fake.PRESETS, "tiny": fake.FakeConfig()})
     panel.scope_combo.setCurrentText("Current view")
     window.canvas.center_on(800, 900, scale=window.canvas.camera.scale * 3, animate=False)
-    roi = ctl.roi_for("Current view")
+    roi = ctl.roi_for(Scope.VIEW)
     with qtbot.waitSignal(ctl.engine.done, timeout=30_000):
         second = ctl.run(panel.request())
     assert second != first

@@ -52,6 +52,8 @@ class TraceLayers(QObject):
         self.trail = TrailOverlay([], [], positive=positive, name=f"{self.label}: probability trail",
                                   positive_label=trace.classes[positive] if trace.classes else "positive")
         self.maps: list[HeatmapOverlay] = []
+        # Per map name: {"scaling": ..., "threshold": ...}; streamed maps take theirs on arrival.
+        self.map_display: dict[str, dict] = {}
         self._shown = False
         for f in trace.fields:
             self._add_field(f)
@@ -91,6 +93,7 @@ class TraceLayers(QObject):
         ov = HeatmapOverlay(m, colormap=self.colormap, opacity=self.map_opacity,
                             name=f"{self.label}: {m.name}")
         ov.smooth = self.smooth
+        self._display_one(ov)
         ov.visible = self._default_visible(ov)
         self.maps.append(ov)
         if self.joint:
@@ -199,6 +202,19 @@ class TraceLayers(QObject):
         self.smooth = smooth
         for ov in self.maps:
             ov.smooth = smooth
+
+    def set_map_display(self, display: dict[str, dict]) -> None:
+        """Scaling and threshold per map name (names absent go back to linear, no threshold)."""
+        self.map_display = {str(k): dict(v) for k, v in display.items()}
+        for ov in self.maps:
+            self._display_one(ov)
+
+    def _display_one(self, ov: HeatmapOverlay) -> None:
+        d = self.map_display.get(ov.map.name) or {}
+        try:
+            ov.set_display(str(d.get("scaling", "linear")), float(d.get("threshold", 0.0)))
+        except (TypeError, ValueError):  # a hand-edited setting: fall back to the plain map
+            ov.set_display("linear", 0.0)
 
     def set_map_opacity(self, opacity: float) -> None:
         self.map_opacity = min(max(float(opacity), 0.0), 1.0)

@@ -61,7 +61,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from engines.models import backbones
-from engines.models.blocks import Grid, entropy, make_grid
+from engines.grid import Grid, make_grid
+from engines.models.blocks import entropy
 from engines.models.base import Emit, SlideModel, StepOutput
 from engines.sampling import SlideView, tissue_mask
 from engines.trace import AttentionMap, Field, Progress, Rect

@@ -63,7 +63,8 @@ from engines.attention_sampling import (
     sample_without_replacement,
 )
 from engines.models.base import Emit, SlideModel, StepOutput
-from engines.models.blocks import Grid, entropy, make_grid
+from engines.grid import Grid, make_grid
+from engines.models.blocks import entropy
 from engines.sampling import SlideView
 from engines.trace import AttentionMap, Field, Progress, TrailStep
 
