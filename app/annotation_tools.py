@@ -564,6 +564,15 @@ class AnnotationsController(QObject):
                 return beside
         return None
 
+    def reload(self) -> None:
+        """Read the open slide's annotations again: the project's files for it changed (a
+        project opened after the slide, a whole folder imported). Unsaved edits are asked about."""
+        path = self.doc.slide
+        if path is None or (self.doc.dirty and not self._may_leave()):
+            return
+        self.doc.slide = None  # so the slide counts as newly opened
+        self._on_slide_opened(path)
+
     def open_slide_guarded(self, path: str | os.PathLike) -> None:
         """The window's ``open_slide``, after unsaved edits are saved, dropped or kept."""
         if str(path) != self.doc.slide and not self._may_leave():

@@ -26,6 +26,7 @@ from app.exports import ExportJob, png_bytes
 from app.results_store import ResultsStore
 from app.inference import InferenceController
 from app.annotation_tools import install_annotations
+from app.attention_score import install_attention_score
 from app.compare_view import install_compare
 from app.map_display import install_map_display
 from app.topk_dock import install_topk
@@ -106,6 +107,7 @@ class MainWindow(QMainWindow):
         self.projects = install_projects(self)
         self.compare = install_compare(self)
         self.annotations = install_annotations(self)
+        self.attention_score = install_attention_score(self)  # after inference and annotations
         self._restore_layout()
         self._update_actions()
         if model:
@@ -163,6 +165,17 @@ class MainWindow(QMainWindow):
         dock = QDockWidget(title, self)
         dock.setObjectName(name)  # saveState/restoreState find docks by name
         dock.setWidget(widget)
+        return dock
+
+    def add_dock(self, title: str, name: str, widget: QWidget, area: Qt.DockWidgetArea,
+                 beside: QDockWidget | None = None) -> QDockWidget:
+        """A feature's dock: in ``area``, tabbed with ``beside`` when given, and listed in View
+        (features call this from their ``install_...``)."""
+        dock = self._dock(title, name, widget)
+        self.addDockWidget(area, dock)
+        if beside is not None:
+            self.tabifyDockWidget(beside, dock)
+        self.view_menu.addAction(dock.toggleViewAction())
         return dock
 
     def _build_status_bar(self) -> None:

@@ -228,9 +228,7 @@ class MapDisplayController(QObject):
 def install_map_display(window) -> MapDisplayController:
     """The Map display dock, tabified with Layers, and its View menu toggle."""
     controller = MapDisplayController(window)
-    dock = window._dock("Map display", "map_display_dock", controller.panel)
-    window.addDockWidget(Qt.DockWidgetArea.LeftDockWidgetArea, dock)
-    window.tabifyDockWidget(window.layers_dock, dock)
-    window.view_menu.addAction(dock.toggleViewAction())
+    dock = window.add_dock("Map display", "map_display_dock", controller.panel,
+                           Qt.DockWidgetArea.LeftDockWidgetArea, beside=window.layers_dock)
     controller.dock = dock
     return controller

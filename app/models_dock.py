@@ -197,6 +197,10 @@ class ModelsPanel(QWidget):
         self.prediction.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
         self.prediction.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
         self.prediction.setMaximumHeight(90)
+        # The trace's attention against the slide's annotations (app.attention_score).
+        self.attention_score = QLabel("")
+        self.attention_score.setWordWrap(True)
+        self.attention_score.hide()
 
         # Stepping through the magnification path.
         path_box = QGroupBox("Magnification path")
@@ -256,6 +260,7 @@ class ModelsPanel(QWidget):
         layout.addWidget(self.error_label)
         layout.addWidget(QLabel("Prediction"))
         layout.addWidget(self.prediction)
+        layout.addWidget(self.attention_score)
         layout.addWidget(self.project_box)
         layout.addWidget(path_box)
         layout.addWidget(maps_box)
@@ -531,6 +536,10 @@ class ModelsPanel(QWidget):
                 b.setFont(f)
             self.prediction.setItem(i, 0, a)
             self.prediction.setItem(i, 1, b)
+
+    def set_attention_score(self, text: str) -> None:
+        self.attention_score.setText(text)
+        self.attention_score.setVisible(bool(text))
 
     def set_cancelled(self) -> None:
         self.set_running(False)

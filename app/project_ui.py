@@ -16,6 +16,7 @@ from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import QFileDialog, QMainWindow, QMenu
 
 from app.recent_labels import distinguishing_labels
+from engines.annotations import AnnotationError, annotation_file_for, load_annotations
 from app.settings import RecentPaths
 from app.slides_dock import SlidesNavigator, SlidesPanel
 
@@ -41,6 +42,7 @@ class ProjectsController(QObject):
     opened = Signal(object)  # the Project now open
     failed = Signal(str)  # the one-line message shown
     saved = Signal(str)  # path of the project file written
+    annotations_imported = Signal(int, int)  # slides given annotations, files that could not be read
 
     def __init__(self, window: QMainWindow) -> None:
         super().__init__(window)
@@ -147,6 +149,60 @@ class ProjectsController(QObject):
 
         return self.window._jobs.submit(lambda: snapshot.save(target), done, failed)
 
+    # -- annotations for every slide ---------------------------------------------------
+    def import_annotations(self, folder: str | os.PathLike) -> bool:
+        """Take each slide's annotations from the file named after it in ``folder``
+        (``<stem>.geojson``, ``.json`` or ``.xml``; QuPath or ASAP), read on a worker to check
+        them; the project then points at them and is saved. ``annotations_imported`` follows."""
+        project = self.project
+        if project is None:
+            self.window.show_error("No project", "Open a project first.")
+            return False
+        slides = [(s.key, s.path) for s in project.slides]
+
+        def work():
+            found, bad = {}, []
+            for key, path in slides:
+                source = annotation_file_for(folder, path)
+                if source is None:
+                    continue
+                try:
+                    found[key] = (source, len(load_annotations(source)))
+                except (AnnotationError, OSError) as exc:
+                    bad.append(one_line(exc))
+            return found, bad
+
+        def done(result) -> None:
+            found, bad = result
+            if self.project is not project:
+                return  # another project was opened meanwhile
+            for key, (source, _n) in found.items():
+                project.slide(key).annotations = Path(source)
+            count = sum(n for _s, n in found.values())
+            text = f"Annotations for {len(found)} of {len(slides)} slides ({count:,} in all)"
+            if bad:
+                text += f"; {len(bad)} file(s) not read, first: {bad[0]}"
+            self.window.statusBar().showMessage(text, 10_000)
+            if found:
+                self.save()
+                reload = getattr(getattr(self.window, "annotations", None), "reload", None)
+                if reload is not None:
+                    reload()
+            self.annotations_imported.emit(len(found), len(bad))
+
+        def failed(exc: BaseException) -> None:
+            self.window.show_error("Cannot import annotations", one_line(exc))
+
+        return self.window._jobs.submit(work, done, failed)
+
+    def import_annotations_dialog(self) -> None:
+        if self.project is None:
+            return
+        start = str(Path(self.project.source).parent)
+        folder = QFileDialog.getExistingDirectory(self.window, "Folder of annotation files named after the slides", start)
+        if folder:
+            self.import_annotations(folder)
+
     # -- recent --------------------------------------------------------------------------
     def rebuild_recent_menu(self, menu: QMenu) -> None:
         menu.clear()
@@ -174,9 +230,8 @@ class ProjectsUi(QObject):
         self._sized = False
         store = window.results
         self.panel = SlidesPanel(store.result, store.runs, window)
-        self.dock = window._dock("Slides", "slides_dock", self.panel)
-        window.addDockWidget(Qt.DockWidgetArea.LeftDockWidgetArea, self.dock)
-        window.tabifyDockWidget(window.properties_dock, self.dock)
+        self.dock = window.add_dock("Slides", "slides_dock", self.panel,
+                                    Qt.DockWidgetArea.LeftDockWidgetArea, beside=window.properties_dock)
         window.properties_dock.raise_()
         self.navigator = SlidesNavigator(window, self.panel)
         self._build_actions()
@@ -196,6 +251,8 @@ class ProjectsUi(QObject):
         c.rebuild_recent_menu(self.recent_menu)
         self.save_action = self._action("Sa&ve Project", self._save)
         self.save_as_action = self._action("Save Project &As…", c.save_dialog)
+        self.import_annotations_action = self._action("Import Annotations for Project…",
+                                                      c.import_annotations_dialog)
         file_menu = _menu_holding(w, w.open_action)
         if file_menu is not None:
             anchor = _action_after(file_menu, w.recent_menu.menuAction())
@@ -203,7 +260,7 @@ class ProjectsUi(QObject):
             for action in (self.open_action, self.open_folder_action):
                 file_menu.insertAction(anchor, action)
             file_menu.insertMenu(anchor, self.recent_menu)
-            for action in (self.save_action, self.save_as_action):
+            for action in (self.save_action, self.save_as_action, self.import_annotations_action):
                 file_menu.insertAction(anchor, action)
         # Window-wide, so they work from the canvas; "[" "]" step a trace, Esc cancels a run.
         self.next_action = self._action("&Next Slide in List", lambda: self.navigator.step(1))
@@ -211,7 +268,6 @@ class ProjectsUi(QObject):
         self.previous_action = self._action("P&revious Slide in List", lambda: self.navigator.step(-1))
         self.previous_action.setShortcuts([QKeySequence(Qt.Key.Key_PageUp), QKeySequence("Ctrl+[")])
         view_menu = w.view_menu
-        view_menu.addAction(self.dock.toggleViewAction())
         view_menu.addSeparator()
         view_menu.addAction(self.next_action)
         view_menu.addAction(self.previous_action)
@@ -236,6 +292,10 @@ class ProjectsUi(QObject):
         self.panel.set_project(project)
         self.navigator.project_changed()
         self._update_actions()
+        # The open slide's annotations may now come from the project.
+        reload = getattr(getattr(self.window, "annotations", None), "reload", None)
+        if reload is not None and self.window.slide is not None:
+            reload()
         if project is not None:
             self.dock.show()
             self.dock.raise_()
@@ -246,7 +306,8 @@ class ProjectsUi(QObject):
 
     def _update_actions(self) -> None:
         has = self.window.results.project is not None
-        for action in (self.save_action, self.save_as_action, self.next_action, self.previous_action):
+        for action in (self.save_action, self.save_as_action, self.import_annotations_action,
+                       self.next_action, self.previous_action):
             action.setEnabled(has)
 
     def eventFilter(self, obj, event) -> bool:  # noqa: N802 - Qt override

@@ -36,6 +36,7 @@ UNLABELLED = "unlabelled"
 PALETTE = [(0, 114, 178), (213, 94, 0), (0, 158, 115), (204, 121, 167), (230, 159, 0),
            (86, 180, 233), (240, 228, 66), (0, 0, 0)]
 GREY = (150, 150, 150)
+MIN_PLOT_WIDTH = 120  # each plot may shrink to this, so the dock never widens the window
 
 
 # ---------------------------------------------------------------------------------------
@@ -364,6 +365,7 @@ class ResultsPanel(QWidget):
         plots = QHBoxLayout()
         plots.setContentsMargins(0, 0, 0, 0)
         for p in (self.roc, self.confusion, self.hist):
+            p.setMinimumWidth(MIN_PLOT_WIDTH)
             plots.addWidget(p, 1)
         bottom = QHBoxLayout()
         bottom.setContentsMargins(0, 0, 0, 0)
@@ -641,10 +643,10 @@ class ResultsView(QObject):
         super().__init__(window)
         self.window = window
         self.panel = ResultsPanel(window.results, window)
-        self.dock = window._dock("Results", "results_dock", self.panel)
-        window.addDockWidget(Qt.DockWidgetArea.BottomDockWidgetArea, self.dock)
+        # Under the canvas, tabbed with the probability trail, so the canvas keeps its height.
+        self.dock = window.add_dock("Results", "results_dock", self.panel,
+                                    Qt.DockWidgetArea.BottomDockWidgetArea, beside=window.trail_dock)
         self.dock.hide()  # until the project has a run
-        window.view_menu.addAction(self.dock.toggleViewAction())
         self.panel.runs_appeared.connect(self._show)
         self.panel.filter_requested.connect(self._filter_slides)
         # A saved layout may show the dock again; without a run it stays hidden.
@@ -657,8 +659,12 @@ class ResultsView(QObject):
         return False
 
     def _show(self) -> None:
+        first = not self.dock.isVisible()
         self.dock.show()
         self.dock.raise_()
+        if first:  # a third of the window: the canvas stays the main view
+            self.window.resizeDocks([self.dock], [max(240, self.window.height() // 3)],
+                                    Qt.Orientation.Vertical)
 
     def _filter_slides(self, keys: list[str], description: str) -> None:
         """The Slides list shows those slides, with this run's columns."""

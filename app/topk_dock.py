@@ -304,10 +304,8 @@ class TopKController(QObject):
 def install_topk(window) -> TopKController:
     """The Top-k regions dock, beside the Models dock, and its View menu toggle."""
     controller = TopKController(window)
-    dock = window._dock("Top-k regions", "topk_dock", controller.panel)
-    window.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, dock)
-    window.tabifyDockWidget(window.models_dock, dock)
+    dock = window.add_dock("Top-k regions", "topk_dock", controller.panel,
+                           Qt.DockWidgetArea.RightDockWidgetArea, beside=window.models_dock)
     window.models_dock.raise_()
-    window.view_menu.addAction(dock.toggleViewAction())
     controller.dock = dock
     return controller

@@ -338,3 +338,31 @@ def test_save_project_writes_beside_the_manifest_and_reopens_with_its_runs(qtbot
     panel = open_project(qtbot, window, written)
     assert _cell(panel, "alpha.png", "correct") == WRONG
     assert Path(window.projects.recent.paths()[0]) == written.resolve()
+
+
+def test_annotations_for_a_whole_project_come_from_a_folder_and_show_on_the_open_slide(qtbot, window, tmp_path):
+    """File > Import Annotations for Project: each slide takes the file named after it; a
+    broken file is reported, not fatal; the open slide shows its new annotations at once."""
+    from engines.annotations import rect_annotation, write_geojson
+    from engines.project import open_project as read_project
+    from tests.test_main_window import open_and_wait
+
+    _write_slides(tmp_path / "slides")
+    open_project(qtbot, window, tmp_path / "slides")
+    project = window.results.project
+    first, second = project.slides[0], project.slides[1]
+    open_and_wait(qtbot, window, first.path)
+    assert window.annotations.doc.items == []
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    write_geojson(marks / f"{first.path.stem}.geojson", [rect_annotation((10, 10, 40, 40), "Tumor"),
+                                                         rect_annotation((60, 60, 20, 20), "Stroma")])
+    (marks / f"{second.path.stem}.geojson").write_text("{not json")
+    with qtbot.waitSignal(window.projects.annotations_imported, timeout=TIMEOUT_MS) as got:
+        window.projects.import_annotations(marks)
+    assert got.args == [1, 1]
+    assert project.slide(first.key).annotations == marks / f"{first.path.stem}.geojson"
+    qtbot.waitUntil(lambda: len(window.annotations.doc.items) == 2, timeout=TIMEOUT_MS)
+    qtbot.waitUntil(lambda: project.path is not None and project.path.is_file(), timeout=TIMEOUT_MS)
+    again = read_project(project.path)
+    assert again.slide(first.key).annotations.resolve() == (marks / f"{first.path.stem}.geojson").resolve()
