@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from PySide6.QtCore import QObject
+from PySide6.QtCore import QObject, Signal
 from PySide6.QtGui import QAction
 from PySide6.QtWidgets import QFileDialog, QInputDialog
 
@@ -18,6 +18,9 @@ IMPORT_FILTER = ("Heatmaps (*.h5 *.hdf5 *.npz *.csv);;CLAM patches (*.h5 *.hdf5)
 
 
 class MapFilesController(QObject):
+    imported = Signal(object)  # the Trace an import made
+    import_failed = Signal(str)  # why an import did not happen
+
     def __init__(self, window) -> None:
         super().__init__(window)
         self.window = window
@@ -124,36 +127,49 @@ class MapFilesController(QObject):
             self.import_file(path, ask=True)
 
     def import_file(self, path: str | os.PathLike, options: ImportOptions | None = None,
-                    ask: bool = False) -> Trace | None:
-        """Import ``path`` as a trace of the open slide and show it like a model's; the Trace,
-        or None after telling the user why not. With ``ask``, a file that does not record its
-        patch or tile size asks for it."""
+                    ask: bool = False) -> bool:
+        """Import ``path`` as a trace of the open slide and show it like a model's. The file is
+        read on a worker; ``imported`` (the Trace) or ``import_failed`` (the message, also shown)
+        follows. With ``ask``, a file that does not record its patch or tile size asks for it
+        and is read again. False when there is no slide to import onto."""
         w = self.window
         slide = w.slide
         if slide is None:
-            w.show_error("Cannot import heatmap", "open the slide the heatmap was made on first")
-            return None
+            self._fail("open the slide the heatmap was made on first")
+            return False
         ref = SlideRef(path=str(slide.path), width=slide.width, height=slide.height, mpp=slide.mpp)
         options = options or ImportOptions()
-        try:
-            try:
-                trace = import_heatmap(path, ref, options)
-            except HeatmapImportError as exc:
-                if not (ask and "size" in str(exc) and options.patch_size is None):
-                    raise
+        name = Path(path).name
+        w.statusBar().showMessage(f"Reading {name}…")
+
+        def failed(exc: BaseException) -> None:
+            if w.slide is None or str(w.slide.path) != ref.path:
+                return  # another slide is open now
+            if isinstance(exc, HeatmapImportError) and ask and "size" in str(exc) and options.patch_size is None:
                 size, ok = QInputDialog.getDouble(
-                    w, "Import heatmap", f"{exc}\n\nPatch/tile width in level-0 pixels:",
-                    256.0, 1.0, 1e6, 1)
-                if not ok:
-                    return None
-                options.patch_size = size
-                trace = import_heatmap(path, ref, options)
-            w.inference.add_trace(trace, Path(path).name)
-        except (HeatmapImportError, TraceError) as exc:
-            w.show_error("Cannot import heatmap", str(exc))
-            return None
-        w.statusBar().showMessage(f"Imported {Path(path).name} as a trace", 8000)
-        return trace
+                    w, "Import heatmap", f"{exc}\n\nPatch/tile width in level-0 pixels:", 256.0, 1.0, 1e6, 1)
+                if ok:
+                    options.patch_size = size
+                    w._jobs.submit(lambda: import_heatmap(path, ref, options), done, failed)
+                return
+            self._fail(str(exc) if isinstance(exc, (HeatmapImportError, TraceError)) else f"{name}: {exc}")
+
+        def done(trace: Trace) -> None:
+            if w.slide is None or str(w.slide.path) != ref.path:
+                return
+            try:
+                w.inference.add_trace(trace, name)
+            except TraceError as exc:
+                self._fail(str(exc))
+                return
+            w.statusBar().showMessage(f"Imported {name} as a trace", 8000)
+            self.imported.emit(trace)
+
+        return w._jobs.submit(lambda: import_heatmap(path, ref, options), done, failed)
+
+    def _fail(self, message: str) -> None:
+        self.window.show_error("Cannot import heatmap", message)
+        self.import_failed.emit(message)
 
 
 def install_map_files(window) -> MapFilesController:

@@ -202,7 +202,8 @@ def test_import_shows_a_trace_then_exports_contours_cells_and_tiff(qtbot, window
                                 for r in range(11) for c in range(8)]
     heat.write_text("\n".join(rows) + "\n")
     monkeypatch.setattr(QFileDialog, "getOpenFileName", lambda *a, **k: (str(heat), ""))
-    window.map_files.import_action.trigger()
+    with qtbot.waitSignal(window.map_files.imported, timeout=30_000):
+        window.map_files.import_action.trigger()
     current = window.inference.current
     assert current is not None and current.trace.model == "other_tool.csv"
     assert current.trace.maps[0].shape == (11, 8) and not dialogs
@@ -228,18 +229,20 @@ def test_import_shows_a_trace_then_exports_contours_cells_and_tiff(qtbot, window
         256 * window.slide.mpp)
 
 
-def test_import_of_a_bad_file_or_another_slides_heatmap_is_one_message(window, tmp_path, dialogs):
+def test_import_of_a_bad_file_or_another_slides_heatmap_is_one_message(qtbot, window, tmp_path, dialogs):
     bad = tmp_path / "bad.npz"
     bad.write_bytes(b"nope")
-    assert window.map_files.import_file(bad) is None
+    with qtbot.waitSignal(window.map_files.import_failed, timeout=30_000):
+        assert window.map_files.import_file(bad)  # read on a worker: the answer comes later
     far = tmp_path / "far.csv"
     far.write_text(f"x,y,w,h,value\n{DEMO_W + 10},0,100,100,1\n")
-    assert window.map_files.import_file(far) is None
+    with qtbot.waitSignal(window.map_files.import_failed, timeout=30_000):
+        window.map_files.import_file(far)
     assert len(dialogs) == 2 and "another slide" in window.last_error
     assert window.inference.current is None or window.inference.current.trace.model != "far.csv"
 
 
-def test_import_asks_for_the_tile_size_a_slideflow_file_does_not_record(window, tmp_path,
+def test_import_asks_for_the_tile_size_a_slideflow_file_does_not_record(qtbot, window, tmp_path,
                                                                        monkeypatch, dialogs):
     preds = np.zeros((4, 3, 2), dtype=np.float32)
     preds[1, 1] = (0.1, 0.9)
@@ -252,7 +255,9 @@ def test_import_asks_for_the_tile_size_a_slideflow_file_does_not_record(window, 
         return 300.0, True
 
     monkeypatch.setattr(QInputDialog, "getDouble", answer)
-    trace = window.map_files.import_file(path, ask=True)
+    with qtbot.waitSignal(window.map_files.imported, timeout=30_000) as got:
+        window.map_files.import_file(path, ask=True)
+    trace = got.args[0]
     assert len(asked) == 1 and "tile size" in asked[0] and not dialogs
     m = trace.maps[0]
     assert m.cell == (150.0, 150.0) and np.array(m.values)[1, 1] == pytest.approx(0.9)
