@@ -73,7 +73,7 @@ alone (paths already made, no reused image)."""
     from PySide6.QtGui import QImage, QPainter
     from PySide6.QtWidgets import QApplication
 
-    from benchmarks.viewer_bench import VIEW_H, VIEW_W, FrameWatch, make_synthetic, stats, wait_frame
+    from benchmarks.viewer_bench import VIEW_H, VIEW_W, FrameWatch, make_synthetic, navigate, stats, wait_frame
     from engines.slide import Slide
     from viewer.canvas import SlideCanvas
     from viewer.overlays.annotations import AnnotationOverlay
@@ -99,14 +99,7 @@ alone (paths already made, no reused image)."""
     cached, layer, drawn = [], [], []
     image = QImage(VIEW_W, VIEW_H, QImage.Format.Format_ARGB32_Premultiplied)
     for i in range(steps):
-        kind = i % 5
-        if kind in (0, 1, 2):
-            canvas.pan_by(rng.uniform(-300, 300), rng.uniform(-200, 200))
-        elif kind == 3:
-            canvas.zoom_at(rng.choice([1.25, 1.5, 2.0]), rng.uniform(200, 1400), rng.uniform(150, 850))
-        else:
-            canvas.zoom_at(rng.choice([0.8, 0.66, 0.5]), rng.uniform(200, 1400), rng.uniform(150, 850))
-        if cam.scale > 2.0 or cam.scale < cam.min_scale * 1.01:  # from the whole slide to 2:1
+        if navigate(canvas, rng, i):
             canvas.center_on(rng.uniform(0.1, 0.9) * W, rng.uniform(0.1, 0.9) * H,
                              scale=rng.uniform(cam.min_scale, 1.0), animate=False)
         wait_frame(app, canvas, watch, 5.0)

@@ -104,6 +104,20 @@ def stats(values: list[float]) -> dict:
             "max": round(float(arr.max()), 3), "n": len(values)}
 
 
+def navigate(canvas, rng, i: int) -> bool:
+    """Step ``i`` of a user's wandering: three pans, a zoom in, a zoom out. True when the
+    view left the range from the whole slide to 2:1 (the caller brings it back)."""
+    kind = i % 5
+    if kind in (0, 1, 2):
+        canvas.pan_by(rng.uniform(-300, 300), rng.uniform(-200, 200))
+    elif kind == 3:
+        canvas.zoom_at(rng.choice([1.25, 1.5, 2.0]), rng.uniform(200, 1400), rng.uniform(150, 850))
+    else:
+        canvas.zoom_at(rng.choice([0.8, 0.66, 0.5]), rng.uniform(200, 1400), rng.uniform(150, 850))
+    cam = canvas.camera
+    return cam.scale > 2.0 or cam.scale < cam.min_scale * 1.01
+
+
 def wait_frame(app, canvas, watch, timeout_s=5.0) -> bool:
     start = watch.count
     canvas.update()
@@ -143,14 +157,7 @@ def bench_slide(app: QApplication, path: Path, quick: bool) -> dict:
     cached: list[float] = []
     steps = 60 if quick else 300
     for i in range(steps):
-        kind = i % 5
-        if kind in (0, 1, 2):
-            canvas.pan_by(rng.uniform(-300, 300), rng.uniform(-200, 200))
-        elif kind == 3:
-            canvas.zoom_at(rng.choice([1.25, 1.5, 2.0]), rng.uniform(200, 1400), rng.uniform(150, 850))
-        else:
-            canvas.zoom_at(rng.choice([0.8, 0.66, 0.5]), rng.uniform(200, 1400), rng.uniform(150, 850))
-        if cam.scale > 2.0 or cam.scale < cam.min_scale * 1.01:
+        if navigate(canvas, rng, i):
             canvas.center_on(cam.cx, cam.cy, scale=rng.uniform(0.1, 1.0), animate=False)
         wait_frame(app, canvas, watch, 5.0)
         n = len(canvas.paint_ms)

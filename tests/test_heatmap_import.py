@@ -16,8 +16,8 @@ from engines.trace import SlideRef, Trace
 from tests.conftest import DEMO_SLIDE
 from tests.test_main_window import (  # noqa: F401
     _sandboxed_settings,
+    demo_window,
     dialogs,
-    make_window,
     open_and_wait,
     qsettings,
 )
@@ -189,8 +189,7 @@ DEMO_W, DEMO_H = 2220, 2967
 
 @pytest.fixture
 def window(qtbot, qsettings, dialogs):  # noqa: F811
-    w = make_window(qtbot, qsettings, size=(900, 640))
-    open_and_wait(qtbot, w, DEMO_SLIDE)
+    w = demo_window(qtbot, qsettings, size=(900, 640))
     yield w
     w.close()
 

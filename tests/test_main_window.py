@@ -73,11 +73,16 @@ def open_and_wait(qtbot, window, path: Path) -> None:
     assert Path(blocker.args[0]) == Path(path)
 
 
-@pytest.fixture
-def window(qtbot, qsettings, dialogs):
-    w = make_window(qtbot, qsettings)
+def demo_window(qtbot, qsettings, size: tuple[int, int] = (1100, 720)):
+    """A window showing the demo slide."""
+    w = make_window(qtbot, qsettings, size=size)
     open_and_wait(qtbot, w, DEMO_SLIDE)
     return w
+
+
+@pytest.fixture
+def window(qtbot, qsettings, dialogs):
+    return demo_window(qtbot, qsettings)
 
 
 def to_array(image: QImage) -> np.ndarray:

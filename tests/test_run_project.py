@@ -121,10 +121,11 @@ def test_results_arrive_one_by_one_then_the_project_is_saved(qtbot, window, proj
         k: v for k, v in stamps.items() if k.endswith(".trace.json")}
 
 
-def test_cancel_keeps_the_slides_done_and_writes_no_partial_record(qtbot, window, project, monkeypatch):
-    """The third slide starts only once Cancel was pressed, so the cancel lands inside it."""
+def hold_third_slide(monkeypatch):
+    """The third slide of a project run waits for Cancel (or the next project), so the stop
+    always lands inside a slide; returns the real ``run_slide``."""
     real = cohort_mod.run_slide
-    started = []
+    started: list[str] = []
 
     def run_slide(model, run, slide, out, device=None, cancel=None, **kwargs):
         started.append(slide.key)
@@ -133,6 +134,12 @@ def test_cancel_keeps_the_slides_done_and_writes_no_partial_record(qtbot, window
         return real(model, run, slide, out, device=device, cancel=cancel, **kwargs)
 
     monkeypatch.setattr(cohort_mod, "run_slide", run_slide)
+    return real
+
+
+def test_cancel_keeps_the_slides_done_and_writes_no_partial_record(qtbot, window, project, monkeypatch):
+    """The third slide starts only once Cancel was pressed, so the cancel lands inside it."""
+    real = hold_third_slide(monkeypatch)
     panel, store = window.models_panel, window.results
     qtbot.mouseClick(panel.project_run_button, Qt.MouseButton.LeftButton)
     assert panel.project_cancel_button.isEnabled() and not panel.project_run_button.isEnabled()
@@ -177,16 +184,7 @@ def test_a_project_slide_opens_with_the_trace_its_run_wrote(qtbot, window, proje
 
 def test_opening_another_project_stops_the_run_and_keeps_the_old_ones_results(qtbot, window, project,
                                                                               monkeypatch, tmp_path):
-    real = cohort_mod.run_slide
-    started = []
-
-    def run_slide(model, run, slide, out, device=None, cancel=None, **kwargs):
-        started.append(slide.key)
-        if len(started) == 3:
-            assert cancel.wait(TIMEOUT_MS / 1000)
-        return real(model, run, slide, out, device=device, cancel=cancel, **kwargs)
-
-    monkeypatch.setattr(cohort_mod, "run_slide", run_slide)
+    hold_third_slide(monkeypatch)
     store = window.results
     qtbot.mouseClick(window.models_panel.project_run_button, Qt.MouseButton.LeftButton)
     qtbot.waitUntil(lambda: store.run(RUN) is not None and len(store.run(RUN).results) == 2,
