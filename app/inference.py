@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
-import threading
 import time
 from pathlib import Path
 
@@ -22,8 +20,8 @@ from app.engine import EngineThread
 from app.checkpoint_info import read_checkpoint_info
 from app.models_dock import WHOLE_SLIDE, ModelsPanel, RunRequest, RunStatus, Scope
 from app.results_store import ResultsStore, TraceKey
+from app.run_controller import RunController, keep_gui_responsive
 from app.trail_dock import TrailPlot
-from engines.slide import Slide
 from engines.trace import AttentionMap, Field, Progress, SlideRef, Trace, TraceError, TrailStep
 from viewer.figure import render_figure
 from viewer.overlays.rubberband import RubberBandOverlay
@@ -33,64 +31,6 @@ log = logging.getLogger(__name__)
 
 PLAY_INTERVAL_MS = 1400
 CLICK_SLOP_PX = 4
-
-
-ENGINE_NICE = 0  # how much lower than the GUI the engine thread is scheduled (0: not lowered)
-# How long a thread may hold the GIL while another waits (Python's default is 5 ms). The
-# model's Python code between torch calls would otherwise stall a paint by up to that much.
-GUI_SWITCH_INTERVAL_S = 0.001
-
-
-def keep_gui_responsive(enabled: bool = False) -> None:
-    """Shorten the GIL switch interval for a process whose GUI shares it with an engine.
-    Off by default: a full test run once deadlocked the GUI and engine threads with it and
-    the lowered engine priority both in place; it stays available for measurement."""
-    if enabled:
-        sys.setswitchinterval(min(sys.getswitchinterval(), GUI_SWITCH_INTERVAL_S))
-
-
-def lower_thread_priority(nice: int = ENGINE_NICE) -> None:
-    """Let the calling thread yield the CPU to the GUI thread. On Linux the nice value is per
-    thread (and threads it starts, such as torch's workers, inherit it); elsewhere, or
-    without permission, nothing changes."""
-    if nice <= 0 or not hasattr(os, "setpriority") or not sys.platform.startswith("linux"):
-        return
-    try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, max(os.getpriority(os.PRIO_PROCESS, tid), nice))
-    except OSError:
-        pass
-
-
-def inference_device() -> str:
-    """Where the viewer runs models: ``MAGLENS_DEVICE`` when set (auto, cpu, cuda, cuda:N),
-    else "auto" (this machine's first GPU when torch sees one, the CPU otherwise)."""
-    return os.environ.get("MAGLENS_DEVICE", "").strip() or "auto"
-
-
-def make_inference_job(request: RunRequest, slide: Slide, roi, nice: int = ENGINE_NICE,
-                       device: str | None = None):
-    """The callable the engine thread runs for one Run press. The model is built, moved to
-    ``device`` (default ``inference_device()``) and run on the engine thread, never on the
-    GUI thread."""
-    device = device or inference_device()
-
-    def job(emit, cancel: threading.Event) -> Trace:
-        # Painting must win over the model when both want a core: the canvas stays smooth
-        # and the model only runs a little longer.
-        lower_thread_priority(nice)
-        from engines import infer, registry
-        from engines.checkpoint import checkpoint_sha256, model_from_checkpoint
-
-        if request.checkpoint:
-            model = model_from_checkpoint(request.checkpoint, expect_model=request.model)
-            sha = checkpoint_sha256(request.checkpoint)
-        else:
-            model = registry.create(request.model, request.preset)
-            sha = None
-        return infer.run(model, slide, on_event=emit, cancel=cancel, roi=roi, checkpoint_id=sha, device=device)
-
-    return job
 
 
 Key = TraceKey  # (slide path, model, trace name): "whole slide", "region ..." or a project run's name
@@ -125,11 +65,9 @@ class InferenceController(QObject):
     trace_changed = Signal(object)  # the TraceLayers now shown, or None
 
     def __init__(self, window, canvas, panel: ModelsPanel, plot: TrailPlot,
-                 engine: EngineThread | None = None, job_factory=make_inference_job,
+                 engine: EngineThread | None = None, job_factory=None,
                  store: ResultsStore | None = None) -> None:
         super().__init__(window)
-        from app.run_controller import RunController
-
         keep_gui_responsive()
         self.window = window
         self.canvas = canvas

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 import re
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -20,10 +22,71 @@ from PySide6.QtCore import QObject, Signal
 from app.engine import EngineThread, engine_threads
 from app.models_dock import RunRequest, RunStatus
 from app.results_store import ResultsStore, TraceKey
+from engines.slide import Slide
+from engines.trace import Trace
 
 log = logging.getLogger(__name__)
 
 RUNS_FOLDER = "runs"  # project runs write into <project folder>/runs/<run name>/
+
+
+ENGINE_NICE = 0  # how much lower than the GUI the engine thread is scheduled (0: not lowered)
+# How long a thread may hold the GIL while another waits (Python's default is 5 ms). The
+# model's Python code between torch calls would otherwise stall a paint by up to that much.
+GUI_SWITCH_INTERVAL_S = 0.001
+
+
+def keep_gui_responsive(enabled: bool = False) -> None:
+    """Shorten the GIL switch interval for a process whose GUI shares it with an engine.
+    Off by default: a full test run once deadlocked the GUI and engine threads with it and
+    the lowered engine priority both in place; it stays available for measurement."""
+    if enabled:
+        sys.setswitchinterval(min(sys.getswitchinterval(), GUI_SWITCH_INTERVAL_S))
+
+
+def lower_thread_priority(nice: int = ENGINE_NICE) -> None:
+    """Let the calling thread yield the CPU to the GUI thread. On Linux the nice value is per
+    thread (and threads it starts, such as torch's workers, inherit it); elsewhere, or
+    without permission, nothing changes."""
+    if nice <= 0 or not hasattr(os, "setpriority") or not sys.platform.startswith("linux"):
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, max(os.getpriority(os.PRIO_PROCESS, tid), nice))
+    except OSError:
+        pass
+
+
+def inference_device() -> str:
+    """Where the viewer runs models: ``MAGLENS_DEVICE`` when set (auto, cpu, cuda, cuda:N),
+    else "auto" (this machine's first GPU when torch sees one, the CPU otherwise)."""
+    return os.environ.get("MAGLENS_DEVICE", "").strip() or "auto"
+
+
+def make_inference_job(request: RunRequest, slide: Slide, roi, nice: int = ENGINE_NICE,
+                       device: str | None = None):
+    """The callable the engine thread runs for one Run press. The model is built, moved to
+    ``device`` (default ``inference_device()``) and run on the engine thread, never on the
+    GUI thread."""
+    device = device or inference_device()
+
+    def job(emit, cancel: threading.Event) -> Trace:
+        # Painting must win over the model when both want a core: the canvas stays smooth
+        # and the model only runs a little longer.
+        lower_thread_priority(nice)
+        from engines import infer, registry
+        from engines.checkpoint import checkpoint_sha256, model_from_checkpoint
+
+        if request.checkpoint:
+            model = model_from_checkpoint(request.checkpoint, expect_model=request.model)
+            sha = checkpoint_sha256(request.checkpoint)
+        else:
+            model = registry.create(request.model, request.preset)
+            sha = None
+        return infer.run(model, slide, on_event=emit, cancel=cancel, roi=roi, checkpoint_id=sha, device=device)
+
+    return job
+
 
 
 class RunKind(enum.Enum):
@@ -92,7 +155,6 @@ def make_project_job(request: RunRequest, project, device: str | None = None):
     """The callable the engine thread runs for "Run on project": load the model once, then
     ``engines.cohort.run_slides`` over every project slide (reusing records of the same
     checkpoint), announcing each result as it ends."""
-    from app.inference import inference_device, lower_thread_priority
 
     cohort = project.as_cohort()
     folder = project_folder(project)
@@ -143,7 +205,6 @@ class RunController(QObject):
                  job_factory=None, project_job_factory=make_project_job,
                  parent: QObject | None = None) -> None:
         super().__init__(parent)
-        from app.inference import make_inference_job
 
         self.store = store
         self.engine = engine or EngineThread(self)

@@ -2,7 +2,7 @@
 
 Opens the demo slide in a 1600x1000 offscreen SlideCanvas, runs each model (tiny and paper
 presets) on the app's engine thread (``app.engine.EngineThread`` with the job the Models dock
-submits, ``app.inference.make_inference_job``), streams its events into live trace layers as
+submits, ``app.run_controller.make_inference_job``), streams its events into live trace layers as
 the GUI does, and meanwhile pans and zooms with ``repaint()``. A model is run again until
 enough frames are painted, so short runs still give a p95. ``idle`` is the same motion with
 the engine idle, for comparison. Prints JSON; not a test.
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from app.engine import EngineThread, engine_threads  # noqa: E402
-from app.inference import ENGINE_NICE, keep_gui_responsive, make_inference_job  # noqa: E402
+from app.run_controller import ENGINE_NICE, keep_gui_responsive, make_inference_job  # noqa: E402
 from app.models_dock import RunRequest  # noqa: E402
 from engines import registry  # noqa: E402
 from engines.slide import Slide  # noqa: E402

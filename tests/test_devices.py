@@ -295,7 +295,7 @@ def test_cli_infer_on_the_cpu(manifest, tmp_path):  # noqa: F811
 
 
 def test_the_viewer_runs_models_on_auto_unless_told(monkeypatch):
-    from app.inference import inference_device
+    from app.run_controller import inference_device
 
     monkeypatch.delenv("MAGLENS_DEVICE", raising=False)
     assert inference_device() == "auto"
