@@ -161,6 +161,27 @@ def _add_backbone_weights(p: argparse.ArgumentParser) -> None:
                         "(nothing is downloaded; without it the backbone starts random)")
 
 
+def _add_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--option", action="append", type=_option, default=[], metavar="KEY=VALUE",
+                   help="an inference option of the model, also for a checkpoint (zoom_in: "
+                        "draws=random|reference, n_samples=N; spatial_mag: k=N); repeatable")
+
+
+def _option(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    try:
+        parsed = json.loads(value)  # numbers and true/false as such; anything else is text
+    except ValueError:
+        parsed = value
+    return key.strip(), parsed
+
+
+def model_options(args: argparse.Namespace) -> dict:
+    return dict(getattr(args, "option", None) or [])
+
+
 def backbone_overrides(model: str | None, preset: str | None, weights: str | None) -> dict[str, str]:
     """Config overrides that point the backbone of ``model`` at ``preset`` to a local weights file."""
     if weights is None:
@@ -283,6 +304,7 @@ def _configure_infer(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=positive_int, metavar="N", help="torch threads")
     _add_device(p, "the model")
     _add_backbone_weights(p)
+    _add_options(p)
 
 
 def _contour_levels(text: str) -> tuple[float, ...]:
@@ -379,13 +401,14 @@ def _model_for(args: argparse.Namespace, cmd: str):
     if args.checkpoint is not None:
         if args.backbone_weights is not None:
             raise UsageError("--backbone-weights is for untrained models; the checkpoint holds its own weights")
-        model = model_from_checkpoint(args.checkpoint, expect_model=args.model)
+        model = model_from_checkpoint(args.checkpoint, expect_model=args.model, options=model_options(args))
         if args.preset is not None and args.preset != model.preset:
             raise UsageError(
                 f"--preset {args.preset} conflicts with the checkpoint, which holds preset {model.preset}"
             )
         return model, model.checkpoint_sha256
-    model = registry.create(args.model, args.preset or "tiny",
+    registry.check_options(args.model, model_options(args))
+    model = registry.create(args.model, args.preset or "tiny", **model_options(args),
                             **backbone_overrides(args.model, args.preset, args.backbone_weights))
     print(
         f"{PROG} {cmd}: warning: no --checkpoint: {args.model} runs with its initial "
@@ -520,7 +543,7 @@ def _infer_cohort(args: argparse.Namespace) -> int:
     threads = args.threads or max(1, _cores() // (workers * per_node))
     spec = ModelSpec(args.model, args.preset, args.checkpoint,
                      backbone_overrides(args.model, args.preset, args.backbone_weights)
-                     if args.checkpoint is None else {}, args.device, threads)
+                     if args.checkpoint is None else {}, args.device, threads, model_options(args))
     try:
         model, sha = spec.load()
     except ValueError as exc:  # a preset the model lacks or the checkpoint contradicts
@@ -1009,6 +1032,7 @@ def _configure_snapshot(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=positive_int, metavar="N", help="torch threads")
     _add_device(p, "the model")
     _add_backbone_weights(p)
+    _add_options(p)
 
 
 @command("snapshot", "run a model and save the view with its overlays as PNG", _configure_snapshot)

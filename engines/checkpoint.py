@@ -285,11 +285,13 @@ def _rebuild_config_values(name: str, preset: str, config: dict[str, Any]) -> di
 
 
 def model_from_checkpoint(path_or_dict: str | os.PathLike | Mapping[str, Any],
-                          expect_model: str | None = None) -> torch.nn.Module:
+                          expect_model: str | None = None,
+                          options: Mapping[str, Any] | None = None) -> torch.nn.Module:
     """Build the checkpoint's model with its preset and config, and load its weights strictly.
 
-    ``expect_model`` refuses a checkpoint of another model. A model built from a file gets
-    ``checkpoint_sha256`` set (``None`` when built from a dict)."""
+    ``expect_model`` refuses a checkpoint of another model. ``options`` change inference-time
+    settings (``engines.registry.inference_options``), never the weights. A model built from a
+    file gets ``checkpoint_sha256`` set (``None`` when built from a dict)."""
     if isinstance(path_or_dict, Mapping):
         label = "checkpoint"
         ckpt, sha = _validate(label, dict(path_or_dict)), None
@@ -314,6 +316,9 @@ def model_from_checkpoint(path_or_dict: str | os.PathLike | Mapping[str, Any],
         base_preset = preset if preset in known else known[0]
         config = _rebuild_config_values(name, base_preset, ckpt["config"])
         check_config(registry.config_for(name, base_preset), config)
+        if options:
+            registry.check_options(name, dict(options))
+            config.update(options)
         # Build once on the meta device (no memory) and fit the weights there, so a config
         # that does not match them is refused before anything real is allocated.
         shadow = _build_on_meta(name, base_preset, classes, config)
@@ -326,6 +331,8 @@ def model_from_checkpoint(path_or_dict: str | os.PathLike | Mapping[str, Any],
     except ConfigBoundsError as exc:
         raise CheckpointError(f"{label}: refused: its {name} config {exc}") from None
     except registry.UnknownModelError as exc:
+        if options and "inference option" in str(exc):
+            raise  # the options asked for, not the file, are wrong
         raise CheckpointError(f"{label}: does not fit this version of {name!r} ({exc})") from None
     except (TypeError, ValueError, OverflowError, NotImplementedError, MemoryError, RuntimeError) as exc:
         # RuntimeError: torch's own refusals (an allocation it cannot make, a bad layer size)

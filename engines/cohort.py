@@ -152,6 +152,7 @@ class ModelSpec:
     overrides: dict = field(default_factory=dict)
     device: str = "auto"
     threads: int = 1
+    options: dict = field(default_factory=dict)  # inference options (engines.registry.inference_options)
 
     def load(self):
         """(model, checkpoint sha256 or None). A checkpoint's preset must match ``preset``
@@ -162,14 +163,15 @@ class ModelSpec:
         from engines.checkpoint import model_from_checkpoint
 
         if self.checkpoint is not None:
-            model = model_from_checkpoint(self.checkpoint, expect_model=self.model)
+            model = model_from_checkpoint(self.checkpoint, expect_model=self.model, options=self.options)
             if self.preset is not None and self.preset != model.preset:
                 raise ValueError(f"--preset {self.preset} conflicts with the checkpoint, "
                                  f"which holds preset {model.preset}")
             return model, model.checkpoint_sha256
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(UNTRAINED_SEED)
-            model = registry.create(self.model, self.preset or "tiny", **self.overrides)
+            registry.check_options(self.model, self.options)
+            model = registry.create(self.model, self.preset or "tiny", **self.overrides, **self.options)
         return model, None
 
 
@@ -239,8 +241,11 @@ def _finite_number(v: object) -> bool:
 
 
 def run_identity(spec: ModelSpec, model, sha: str | None) -> dict:
-    return {"model": str(model.name), "preset": str(model.preset), "checkpoint": sha,
-            "overrides": dict(sorted(spec.overrides.items())) if sha is None else {}}
+    run = {"model": str(model.name), "preset": str(model.preset), "checkpoint": sha,
+           "overrides": dict(sorted(spec.overrides.items())) if sha is None else {}}
+    if spec.options:  # only when given, so records made without options stay reusable
+        run["options"] = dict(sorted(spec.options.items()))
+    return run
 
 
 def trace_path(out: Path, key: str) -> Path:

@@ -50,6 +50,21 @@ def config_for(name: str, preset: str = "tiny", **overrides: Any):
     return dataclasses.replace(cfg, **overrides)
 
 
+def inference_options(name: str) -> tuple[str, ...]:
+    """Config settings of model ``name`` that change how it runs but not its weights (e.g.
+    Zoom-In's ``draws``): the ones a trained checkpoint may be run with differently."""
+    return tuple(getattr(_module(name), "INFERENCE_OPTIONS", ()))
+
+
+def check_options(name: str, options: dict[str, Any]) -> None:
+    """``UnknownModelError`` naming any key of ``options`` that is not an inference option."""
+    allowed = inference_options(name)
+    bad = sorted(set(options) - set(allowed))
+    if bad:
+        choose = f"choose from {', '.join(allowed)}" if allowed else "it has none"
+        raise UnknownModelError(f"{', '.join(bad)}: not an inference option of {name!r} ({choose})")
+
+
 def create(name: str, preset: str = "tiny", classes: list[str] | None = None, **overrides: Any):
     """Build model ``name`` with the sizes of ``preset`` and any config ``overrides``."""
     cfg = config_for(name, preset, **overrides)

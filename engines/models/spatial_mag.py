@@ -72,6 +72,8 @@ MIN_INPUT = {"small": 16, "resnet18": 32, "resnet34": 32, "resnet50": 32, "incep
 MAX_READ_PIXELS = 4096 * 4096
 
 
+INFERENCE_OPTIONS = ("k",)  # patches sampled per slide; not the weights
+
 @dataclass(frozen=True)
 class SpatialMagConfig:
     backbone: str = "inception_v3"  # h and f (two separate networks)

@@ -70,6 +70,7 @@ from engines.trace import AttentionMap, Field, Progress, TrailStep
 
 Rect = tuple[float, float, float, float]
 DRAWS = ("random", "reference")
+INFERENCE_OPTIONS = ("draws", "n_samples")  # how a trained model samples; not its weights
 REFERENCE_FLOOR_QUANTILE = 0.3  # the reference's inference drops tiles below this quantile
 POSITIVE = 1  # the class whose slides get contrastive samples
 REFERENCE = 0  # the label the contrastive samples are pushed towards
