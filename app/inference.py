@@ -310,7 +310,13 @@ class InferenceController(QObject):
             self.panel.set_maps([o.map.name for o in cur.maps], visible)
         slide = self._slide_key() or ""
         model = self.panel.model()
-        self.panel.set_trace_choices(self.traces_of(model), self.shown_key[2] if self.shown_key else "")
+        if self.shown_key is not None and self.shown_key[1] != model:
+            # A trace of no model of ours (an imported heatmap): name it, and nothing to choose.
+            label = trace_label(self.shown_key[1], self.shown_key[2])
+            self.panel.set_trace_choices([label], label)
+            self.panel.trace_combo.setEnabled(False)
+        else:
+            self.panel.set_trace_choices(self.traces_of(model), self.shown_key[2] if self.shown_key else "")
         keys = [k for k in self.layers if k[0] == slide] + self.store.trace_keys(slide)
         self._compare_ids = {trace_label(k[1], k[2]): k for k in dict.fromkeys(keys)
                              if cur is None or self.layers.get(k) is not cur}

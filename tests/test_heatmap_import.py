@@ -208,6 +208,9 @@ def test_import_shows_a_trace_then_exports_contours_cells_and_tiff(qtbot, window
     assert current.trace.maps[0].shape == (11, 8) and not dialogs
     keys = window.results.trace_keys(str(window.slide.path))
     assert any(k[1] == "other_tool.csv" for k in keys)
+    # The Models dock names what is shown, not some model's empty list.
+    combo = window.models_panel.trace_combo
+    assert combo.currentText() == "other_tool.csv" and not combo.isEnabled()
 
     # File > Export Trace as GeoJSON… writes contours by default
     out = tmp_path / "contours.geojson"
