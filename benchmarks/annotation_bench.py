@@ -73,18 +73,12 @@ alone (paths already made, no reused image)."""
     from PySide6.QtGui import QImage, QPainter
     from PySide6.QtWidgets import QApplication
 
-    from benchmarks.viewer_bench import VIEW_H, VIEW_W, FrameWatch, make_synthetic, navigate, stats, wait_frame
+    from benchmarks.viewer_bench import VIEW_H, VIEW_W, bench_canvas, make_synthetic, navigate, stats, wait_frame
     from engines.slide import Slide
-    from viewer.canvas import SlideCanvas
     from viewer.overlays.annotations import AnnotationOverlay
 
     app = QApplication.instance() or QApplication([])
-    canvas = SlideCanvas()
-    canvas.animation_ms = 0
-    canvas.resize(VIEW_W, VIEW_H)
-    canvas.show()
-    app.processEvents()
-    watch = FrameWatch(canvas)
+    canvas, watch = bench_canvas(app)
     slide = Slide(make_synthetic())  # 100,000 px a side: the polygons' 100,000 x 80,000 fit on it
     canvas.set_slide(slide)
     overlay = AnnotationOverlay(annotations)

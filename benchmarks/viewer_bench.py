@@ -127,13 +127,18 @@ def wait_frame(app, canvas, watch, timeout_s=5.0) -> bool:
 
 
 # -- measurements ------------------------------------------------------------------------------
-def bench_slide(app: QApplication, path: Path, quick: bool) -> dict:
+def bench_canvas(app: QApplication) -> tuple[SlideCanvas, "FrameWatch"]:
+    """A shown canvas of the benchmark's size, without animation, and its frame watch."""
     canvas = SlideCanvas()
     canvas.animation_ms = 0
     canvas.resize(VIEW_W, VIEW_H)
     canvas.show()
     app.processEvents()
-    watch = FrameWatch(canvas)
+    return canvas, FrameWatch(canvas)
+
+
+def bench_slide(app: QApplication, path: Path, quick: bool) -> dict:
+    canvas, watch = bench_canvas(app)
     out: dict = {"threads": canvas.loader.threads}
 
     # 1. open to first complete frame

@@ -194,24 +194,33 @@ def _records(out: Path) -> list[str]:
     return sorted(p.name for p in (out / "traces").glob("*.result.json"))
 
 
-def test_cancel_between_slides_keeps_the_slides_done_and_resumes(cohort, tmp_path):
+def _cancelled_after_first_result(slides, out: Path, workers: int) -> list[str]:
+    """Run ``slides`` and cancel as the first result arrives; the keys that arrived."""
     import threading
 
     from engines.cohort import ModelSpec, run_slides
     from engines.infer import Cancelled
 
-    slides = _good_slides(cohort)[:3]
-    out = tmp_path / "out"
     cancel = threading.Event()
     seen: list[str] = []
 
-    def stop_after_first(res, reused):
+    def stop(res, reused):
         seen.append(res.key)
         cancel.set()
 
     with pytest.raises(Cancelled):
-        run_slides(slides, ModelSpec(MODEL, "tiny", None), out, 1, on_result=stop_after_first,
-                   cancel=cancel)
+        run_slides(slides, ModelSpec(MODEL, "tiny", None), out, workers, on_result=stop, cancel=cancel)
+    return seen
+
+
+def test_cancel_between_slides_keeps_the_slides_done_and_resumes(cohort, tmp_path):
+    import threading
+
+    from engines.cohort import ModelSpec, run_slides
+
+    slides = _good_slides(cohort)[:3]
+    out = tmp_path / "out"
+    seen = _cancelled_after_first_result(slides, out, 1)
     assert seen == [slides[0].key] and _records(out) == [f"{slides[0].key}.result.json"]
     reused: list[bool] = []
     results = run_slides(slides, ModelSpec(MODEL, "tiny", None), out, 1,
@@ -238,22 +247,9 @@ def test_cancel_inside_a_slide_writes_no_record(cohort, tmp_path):
 
 
 def test_cancel_reaches_worker_processes(cohort, tmp_path):
-    import threading
-
-    from engines.cohort import ModelSpec, run_slides
-    from engines.infer import Cancelled
-
     slides = _good_slides(cohort)
     out = tmp_path / "out"
-    cancel = threading.Event()
-    done: list[str] = []
-
-    def stop(res, reused):
-        done.append(res.key)
-        cancel.set()
-
-    with pytest.raises(Cancelled):
-        run_slides(slides, ModelSpec(MODEL, "tiny", None), out, 2, on_result=stop, cancel=cancel)
+    done = _cancelled_after_first_result(slides, out, 2)
     records = _records(out)  # the queue was dropped: not every slide ran
     assert 1 <= len(records) < len(slides) and done[0] + ".result.json" in records
     assert all(json.loads((out / "traces" / r).read_text())["predicted"] for r in records)
