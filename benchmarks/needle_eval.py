@@ -55,7 +55,7 @@ def evaluate(name: str, ckpt: Path, data_dir: Path, positive: str = "tumor",
     if positive not in classes:
         raise SystemExit(f"{ckpt}: classes {classes} have no {positive!r}")
     pos = classes.index(positive)
-    scores, labels, correct, ratios, dices = [], [], 0, [], []
+    scores, labels, correct, ratios, dices, model_s = [], [], 0, [], [], []
     t0 = time.perf_counter()
     test = data.samples if split == "all" else data.split(split)
     for i, sample in enumerate(test):
@@ -69,6 +69,7 @@ def evaluate(name: str, ckpt: Path, data_dir: Path, positive: str = "tumor",
         finally:
             slide.close()
         scores.append(trace.probs[pos])
+        model_s.append(float(trace.timings.get("total_s", 0.0)))
         labels.append(label)
         correct += int((int(np.argmax(trace.probs)) == pos) == bool(label))
         if tissue is not None:
@@ -91,6 +92,7 @@ def evaluate(name: str, ckpt: Path, data_dir: Path, positive: str = "tumor",
         "slides": len(test),
         "positives": int(sum(labels)),
         "eval_s": round(time.perf_counter() - t0, 1),
+        "infer_s_per_slide": round(float(np.mean(model_s)), 2) if model_s else None,
     }
 
 

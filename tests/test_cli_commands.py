@@ -89,10 +89,25 @@ def test_synth_writes_slides_manifest_and_needles(synth):
     assert "progress:" in err and f"{SLIDES}/{SLIDES}" in err
 
 
+def test_synth_needle_area_sets_the_needles_share_of_the_tissue(tmp_path):
+    """Small needles on large slides (the 8192 px set keeps the 3072 px set's needle sizes):
+    the same seed with a tenth of the area gives needles of about a tenth of the area."""
+    areas = {}
+    for name, extra in (("default", []), ("small", ["--needle-area", "0.01,0.1"])):
+        out = tmp_path / name
+        rc, _stdout, err = quiet_call("synth", out, "--slides", 4, "--size", 1024, "--seed", 2, *extra)
+        assert rc == 0, err
+        needles = json.loads((out / "needles.json").read_text())
+        areas[name] = sum(w * h for rects in needles.values() for _x, _y, w, h in rects)
+    assert 0.03 < areas["small"] / areas["default"] < 0.3
+
+
 @pytest.mark.parametrize("args,words", [
     (["--slides", "1"], "at least 2"),
     (["--size", "10"], "--size must be"),
     (["--slides", "x"], "not a whole number"),
+    (["--needle-area", "2,1"], "need 0 < LO <= HI"),
+    (["--needle-area", "a"], "not LO,HI"),
 ])
 def test_synth_bad_input(tmp_path, capsys, args, words):
     rc, _, err = call(capsys, "synth", tmp_path / "out", *args)
