@@ -5,7 +5,7 @@
 
 Curriculum on needle size: every model is trained from scratch first on slides whose tumour
 needles cover 10-30 % of the tissue (``huge``), then fine-tuned on 2-6 % (``big``), on
-0.5-2 % (``medium``), on the target set (``needles``: 0.1-1 %, the issue's
+0.5-2 % (``medium``), on the target set (``needles``: 0.1-1 %, the
 needle-in-a-haystack setting) and last on the target set's training slides together with 192
 more slides like them (``target``), each stage starting from the previous stage's best
 checkpoint; a recipe may skip stages. All sets are made by ``engines.synth`` with their own
