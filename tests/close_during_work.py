@@ -1,7 +1,8 @@
 """Run by tests/test_close_during_work.py in its own process: open the viewer, start a model run
-and slow slide reads, close the window mid-way and quit. The process must end with code 0.
+(on the slide, or over a project of copies of it) and slow slide reads, close the window
+mid-way and quit. The process must end with code 0.
 
-    python tests/close_during_work.py SETTINGS_INI SLIDE cooperative|stubborn
+    python tests/close_during_work.py SETTINGS_INI SLIDE cooperative|stubborn|project
 """
 from __future__ import annotations
 
@@ -51,11 +52,31 @@ def main() -> int:
             time.sleep(0.01)
         raise RuntimeError("cancelled")
 
+    if mode == "project":  # every slide of the run waits for the cancel the close sends
+        from engines import cohort
+        from engines.infer import Cancelled, is_cancelled
+
+        def run_slide(*_args, cancel=None, **_kwargs):
+            run_started.set()
+            while not is_cancelled(cancel):
+                time.sleep(0.01)
+            raise Cancelled("cancelled")
+
+        cohort.run_slide = run_slide
+        folder = Path("project")
+        folder.mkdir(exist_ok=True)
+        for name in ("a", "b", "c"):
+            link = folder / f"{name}{Path(slide_path).suffix}"
+            if not link.exists():
+                link.symlink_to(Path(slide_path).resolve())
+
     app = QApplication([])
     from app.main_window import MainWindow
 
     window = MainWindow(settings=QSettings(ini, QSettings.Format.IniFormat))
     window.inference.job_factory = lambda *_args, **_kwargs: job
+    if mode == "project":
+        window.open_project(str(folder))
     window.resize(900, 600)
     window.show()
     state = {"opened": False}
@@ -64,10 +85,11 @@ def main() -> int:
     window.open_slide(slide_path)
 
     def wait_open() -> None:
-        if not state["opened"]:
+        if not state["opened"] or (mode == "project" and window.results.project is None):
             QTimer.singleShot(20, wait_open)
             return
-        window.models_panel.run_button.click()
+        button = window.models_panel.project_run_button if mode == "project" else window.models_panel.run_button
+        button.click()
         QTimer.singleShot(20, wait_busy)
 
     def wait_busy() -> None:

@@ -22,7 +22,7 @@ def _close_mid_run(tmp_path, mode: str) -> subprocess.CompletedProcess:
         capture_output=True, text=True, timeout=180, env=env, cwd=str(tmp_path))
 
 
-@pytest.mark.parametrize("mode", ["stubborn", "cooperative"])
+@pytest.mark.parametrize("mode", ["stubborn", "cooperative", "project"])
 def test_closing_mid_run_exits_cleanly(tmp_path, mode):
     proc = _close_mid_run(tmp_path, mode)
     assert "closing mid-run" in proc.stdout, proc.stderr[-2000:]
