@@ -22,6 +22,7 @@ from app.models_dock import WHOLE_SLIDE, ModelsPanel, RunRequest, RunStatus, Sco
 from app.results_store import ResultsStore, TraceKey
 from app.run_controller import RunController, keep_gui_responsive
 from app.trail_dock import TrailPlot
+from engines.project import SavedTrace, default_project_file
 from engines.trace import AttentionMap, Field, Progress, SlideRef, Trace, TraceError, TrailStep
 from viewer.figure import render_figure
 from viewer.overlays.rubberband import RubberBandOverlay
@@ -34,6 +35,11 @@ CLICK_SLOP_PX = 4
 
 
 Key = TraceKey  # (slide path, model, trace name): "whole slide", "region ..." or a project run's name
+
+
+def _file_safe(text: str) -> str:
+    """``text`` as part of a file name: letters, digits and a few marks; the rest become _."""
+    return "".join(c if c.isalnum() or c in "-_.,() " else "_" for c in text)[:120].strip() or "_"
 
 
 def scope_name(roi) -> str:
@@ -506,6 +512,7 @@ class InferenceController(QObject):
             layers.finish(trace)
         if key is not None:
             self.store.put_trace(key, trace)
+            self._keep_with_project(key, trace)
         if shown:
             if layers is not None and layers is self.current:
                 self.plot.set_steps(trace.trail, layers.trail.positive, layers.trail.positive_label)
@@ -514,6 +521,35 @@ class InferenceController(QObject):
         else:
             self.panel.set_cancel_enabled(False)
         self.status.emit(f"{trace.model}: {trace.prediction} ({max(trace.probs):.2f})" if trace.probs else note)
+
+    def _keep_with_project(self, key: Key, trace: Trace) -> None:
+        """A run on a slide of the open project is kept with it: the trace is written (on a
+        worker) to ``<project folder>/traces/<slide key>/`` and listed in the project file, so
+        reopening the project brings it back."""
+        project = self.store.project
+        slide_key = project.key_of(key[0]) if project is not None else None
+        if slide_key is None:
+            return
+        folder = (project.path or default_project_file(project.source)).parent / "traces" / slide_key
+        target = folder / f"{_file_safe(key[1])} {_file_safe(key[2])}.trace.json"
+
+        def write() -> Path:
+            folder.mkdir(parents=True, exist_ok=True)
+            trace.save(target)
+            return target
+
+        def written(path: Path) -> None:
+            if self.store.project is not project:
+                return  # another project was opened meanwhile
+            project.slide(slide_key).keep_trace(SavedTrace(key[1], key[2], path))
+            save = getattr(getattr(self.window, "projects", None), "save", None)
+            if save is not None:
+                save()
+
+        def failed(exc: BaseException) -> None:
+            self.status.emit(f"The trace was not kept with the project: {exc}")
+
+        self.window._jobs.submit(write, written, failed)
 
     def _on_failed(self, run, message: str) -> None:
         key, shown = self._end_run(run, RunStatus("Failed", message))

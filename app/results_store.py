@@ -139,6 +139,22 @@ class ResultsStore(QObject):
                     keys.append(tk)
                     added = True
             self._loaded[(run.name, slide_key)] = tk
+        slide = project.slide(slide_key)
+        for saved in slide.traces:  # single runs on this slide kept with the project
+            marker = (f"\0{saved.model}\0{saved.name}", slide_key)
+            tk = (str(slide_path), saved.model, saved.name)
+            if marker in self._loaded or tk in self._traces:
+                if tk in self._traces:
+                    keys.append(tk)
+                continue
+            self._loaded[marker] = None  # tried once, whatever came of it
+            try:
+                self._traces[tk] = Trace.load(saved.path)
+            except (TraceError, OSError, ValueError) as exc:
+                log.warning("cannot read %s: %s", saved.path, exc)
+                continue
+            keys.append(tk)
+            added = True
         if added:
             self.traces_changed.emit(str(slide_path))
         return keys

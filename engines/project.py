@@ -35,6 +35,7 @@ PROJECT_KIND = "maglens-project"
 MAX_PROJECT_BYTES = 256 * 1024 * 1024
 MAX_SLIDES = 1_000_000
 MAX_RUNS = 1_000
+MAX_TRACES = 1000  # single-run traces kept per slide
 MAX_TEXT = 4_096  # a name, label, path or key
 SPLITS = ("", "train", "val", "test")
 SCALINGS = ("linear", "rank", "log")
@@ -45,6 +46,15 @@ class ProjectError(ValueError):
     """A project cannot be opened or saved; the message is one line for the user."""
 
 
+@dataclass(frozen=True)
+class SavedTrace:
+    """A trace of one slide kept with the project (a run on that slide alone): listed under
+    ``model`` and ``name`` ("whole slide", "region ..."), read from ``path``."""
+    model: str
+    name: str
+    path: Path
+
+
 @dataclass
 class ProjectSlide:
     key: str  # unique, stable id in the project; also the file stem of its run outputs
@@ -53,6 +63,11 @@ class ProjectSlide:
     label: str = ""  # "" = unknown
     split: str = ""  # "train" | "val" | "test" | ""
     annotations: Path | None = None  # this slide's annotation file (absolute at run time)
+    traces: list[SavedTrace] = field(default_factory=list)  # single runs kept with the project
+
+    def keep_trace(self, saved: SavedTrace) -> None:
+        """Remember ``saved``, replacing one listed under the same model and name."""
+        self.traces = [t for t in self.traces if (t.model, t.name) != (saved.model, saved.name)] + [saved]
 
     @property
     def exists(self) -> bool:
@@ -167,7 +182,9 @@ class Project:
             "source": _rel(self.source, base),
             "slides": [{"key": s.key, "path": _rel(s.path, base), "name": s.name, "label": s.label,
                         "split": s.split,
-                        "annotations": None if s.annotations is None else _rel(s.annotations, base)}
+                        "annotations": None if s.annotations is None else _rel(s.annotations, base),
+                        "traces": [{"model": t.model, "name": t.name, "path": _rel(t.path, base)}
+                                   for t in list(s.traces)]}
                        for s in list(self.slides)],
             "runs": [{"name": r.name, "model": r.model, "preset": r.preset,
                       "checkpoint": None if r.checkpoint is None else _rel(r.checkpoint, base),
@@ -314,9 +331,19 @@ def _slide_from(raw: Any, i: int, base: Path) -> ProjectSlide:
     if split not in SPLITS:
         raise _Bad(f"{where} ({name}): unknown split {split!r} (use train, val or test)")
     ann = raw.get("annotations")
+    traces_raw = _get(raw, "traces", list, [], where)
+    if len(traces_raw) > MAX_TRACES:
+        raise _Bad(f"{where} ({name}): {len(traces_raw):,} traces, more than {MAX_TRACES:,}")
+    traces = []
+    for j, t in enumerate(traces_raw):
+        here = f"{where} ({name}) trace {j + 1}"
+        if not isinstance(t, dict):
+            raise _Bad(f"{here} must be an object, not {_type(t)}")
+        traces.append(SavedTrace(_text(t, "model", here), _text(t, "name", here), _path(t.get("path"), base, here)))
     return ProjectSlide(key=key, path=_path(raw.get("path"), base, f"{where} ({name}) path"),
                         name=name, label=_text(raw, "label", where, required=False), split=split,
-                        annotations=None if ann is None else _path(ann, base, f"{where} annotations"))
+                        annotations=None if ann is None else _path(ann, base, f"{where} annotations"),
+                        traces=traces)
 
 
 def _run_from(raw: Any, i: int, base: Path, keys: set[str]) -> ProjectRun:

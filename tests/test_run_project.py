@@ -209,3 +209,29 @@ def test_the_open_slides_trace_is_listed_when_the_run_reaches_it(qtbot, window, 
     assert ctl.current is None  # listed, not pushed onto the screen
     panel.trace_combo.activated.emit(0)  # the user picks it
     assert ctl.shown_key == (str(slide), MODEL, RUN) and ctl.current is not None
+
+
+def test_a_run_on_one_project_slide_is_kept_with_the_project(qtbot, qsettings, window, project):  # noqa: F811
+    """Run on one slide of the project: the trace is written beside the project and listed in
+    its file; the reopened project brings it back when the slide opens."""
+    slide = project.slide("alpha").path
+    open_and_wait(qtbot, window, slide)
+    with qtbot.waitSignal(window.projects.saved, timeout=TIMEOUT_MS):
+        with qtbot.waitSignal(window.inference.runs.slide_done, timeout=TIMEOUT_MS):
+            qtbot.mouseClick(window.models_panel.run_button, Qt.MouseButton.LeftButton)
+    kept = project.slide("alpha").traces
+    assert [(t.model, t.name) for t in kept] == [(MODEL, "whole slide")]
+    assert kept[0].path.parent == project.path.parent / "traces" / "alpha" and kept[0].path.is_file()
+    saved = json.loads(project.path.read_text())
+    assert saved["slides"][0]["traces"][0]["path"] == f"traces/alpha/{kept[0].path.name}"
+
+    probs = window.results.trace((str(slide), MODEL, "whole slide")).probs
+    fresh = make_window(qtbot, qsettings, size=(1200, 800))  # nothing in memory: from the file
+    try:
+        fresh.results.set_project(open_project(project.path))
+        open_and_wait(qtbot, fresh, slide)
+        qtbot.waitUntil(lambda: fresh.inference.current is not None, timeout=10_000)
+        assert fresh.inference.shown_key == (str(slide), MODEL, "whole slide")
+        assert fresh.inference.current.trace.probs == pytest.approx(probs)
+    finally:
+        fresh.close()
