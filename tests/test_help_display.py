@@ -8,28 +8,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PySide6.QtCore import QSettings, QStandardPaths, Qt
+from PySide6.QtCore import QSettings, Qt
 from PySide6.QtGui import QAction, QImage, QKeySequence
 
 from engines.slide import Slide
 from tests.conftest import DATA, DEMO_SLIDE
-from tests.test_main_window import dialogs  # noqa: F401 - fixture
+from tests.test_main_window import _sandboxed_settings, dialogs  # noqa: F401 - fixtures
 from viewer.display_adjust import DisplayAdjust
 
 OPEN_TIMEOUT_MS = 20_000
 DIM_SLIDE = DATA / "test3-DAPI-2.ndpi"  # fluorescence: nearly black as read
 UNSCALED_SLIDE = DATA / "kidney-striped.tif"  # neither objective power nor mpp
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _sandboxed_settings(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("qsettings"))
-    QStandardPaths.setTestModeEnabled(True)
-    for fmt in (QSettings.Format.NativeFormat, QSettings.Format.IniFormat):
-        QSettings.setPath(fmt, QSettings.Scope.UserScope, root)
-        QSettings.setPath(fmt, QSettings.Scope.SystemScope, root)
-    yield
-    QStandardPaths.setTestModeEnabled(False)
 
 
 @pytest.fixture

@@ -52,17 +52,23 @@ def write_manifest(path: Path, rows: list[tuple[str, str, str]]) -> Path:
 
 
 
-def test_a_slide_failing_on_one_rank_is_skipped_by_every_rank(slides, tmp_path):
-    skip_without_localhost_ddp()
+def manifest_with_unreadable_second_row(slides, tmp_path):
+    """(manifest, unreadable file): four training rows and two validation rows; the second
+    training slide cannot be read. Training rows are sharded round robin, so under two ranks
+    it goes to rank 1 alone."""
     src, made = slides
     normal = [n for n, l in made if l == "normal"]
     tumor = [n for n, l in made if l == "tumor"]
     bad = unreadable_copy(src / tumor[0], tmp_path / "unreadable.tiff")
-    # Training rows are sharded round robin: the second one goes to rank 1 alone.
     rows = [(str(src / normal[0]), "normal", "train"), (str(bad), "tumor", "train"),
             (str(src / normal[1]), "normal", "train"), (str(src / tumor[1]), "tumor", "train"),
             (str(src / normal[2]), "normal", "val"), (str(src / tumor[2]), "tumor", "val")]
-    manifest = write_manifest(tmp_path / "m.csv", rows)
+    return write_manifest(tmp_path / "m.csv", rows), bad
+
+
+def test_a_slide_failing_on_one_rank_is_skipped_by_every_rank(slides, tmp_path):
+    skip_without_localhost_ddp()
+    manifest, bad = manifest_with_unreadable_second_row(slides, tmp_path)
     run = tmp_path / "ddp"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     env.pop("MAGLENS_DEBUG", None)
@@ -90,14 +96,7 @@ def test_a_skipped_slide_does_not_merge_two_accumulation_groups(slides, tmp_path
     from engines.train import TrainConfig, _epoch_plan, train
 
     monkeypatch.setitem(registry.MODULES, "fake", "tests.fake_model")
-    src, made = slides
-    normal = [n for n, l in made if l == "normal"]
-    tumor = [n for n, l in made if l == "tumor"]
-    bad = unreadable_copy(src / tumor[0], tmp_path / "unreadable.tiff")
-    rows = [(str(src / normal[0]), "normal", "train"), (str(bad), "tumor", "train"),
-            (str(src / normal[1]), "normal", "train"), (str(src / tumor[1]), "tumor", "train"),
-            (str(src / normal[2]), "normal", "val"), (str(src / tumor[2]), "tumor", "val")]
-    manifest = write_manifest(tmp_path / "m.csv", rows)
+    manifest, bad = manifest_with_unreadable_second_row(slides, tmp_path)
     train_set = read_manifest(manifest).split("train")
     # A seed whose first epoch reads the unreadable slide second (it ends the first group).
     seed = next(s for s in range(100) if _epoch_plan(train_set, s, 0, True)[0][1].path == bad)
