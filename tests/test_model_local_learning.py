@@ -9,6 +9,7 @@ import torchvision
 from torch import nn
 
 from engines import registry
+from engines.models import backbones
 from engines.models.local_learning import ChannelNorm, LocalLearning, module_groups
 from engines.sampling import Orientation, SlideView
 from engines.slide import Slide
@@ -21,6 +22,11 @@ SMALL = DATA / "small.svs"
 def tiny(**overrides) -> LocalLearning:
     torch.manual_seed(0)
     return registry.create("local_learning", "tiny", **overrides)
+
+
+def _input(x: torch.Tensor) -> torch.Tensor:
+    """An image in [0, 1] as the model reads it (sides here are multiples of the stride)."""
+    return backbones.normalise(x)
 
 
 def grads_of(params) -> list[torch.Tensor]:
@@ -100,8 +106,6 @@ def test_training_step_shapes_and_parts():
     (w, h), (tw, th) = model.input_size(upright), model.input_size(turned)
     assert (tw, th) == (h, w) and h > w and w % 48 == 0 and h % 48 == 0
     assert model.training_step(turned, 0).logits.shape == (3,)
-    with pytest.raises(ValueError, match=r"\(1, 3, H, W\)"):
-        model.training_step_on_tensor(torch.rand(3, 48, 48), 0)
 
 
 def test_training_step_gradients_match_module_by_module_backward():
@@ -130,7 +134,7 @@ def test_training_step_gradients_match_module_by_module_backward():
 
 def test_no_gradient_crosses_a_module_boundary():
     model = tiny().train()
-    x = model.prepare_tensor(torch.rand(1, 3, 96, 144, generator=torch.Generator().manual_seed(0)))
+    x = _input(torch.rand(1, 3, 96, 144, generator=torch.Generator().manual_seed(0)))
     first = [p for p in model.module_parameters(0) if p.requires_grad]
     for ml in model.local_losses(x, 1):
         if ml.index > 0:
@@ -141,7 +145,7 @@ def test_no_gradient_crosses_a_module_boundary():
     # In a full step, module 1's gradient is its local loss's gradient alone.
     model.zero_grad(set_to_none=True)
     torch.manual_seed(3)
-    model.training_step_on_tensor(torch.rand(1, 3, 96, 144, generator=torch.Generator().manual_seed(0)), 1)
+    model.local_step(_input(torch.rand(1, 3, 96, 144, generator=torch.Generator().manual_seed(0))), 1).loss.backward()
     full = grads_of(first)
     model.zero_grad(set_to_none=True)
     torch.manual_seed(3)
@@ -160,7 +164,7 @@ def test_no_gradient_crosses_a_module_boundary():
 def test_gradients_reach_attention_heads_and_every_module():
     model = tiny().train()
     torch.manual_seed(0)
-    model.training_step_on_tensor(torch.rand(1, 3, 96, 96), 1)
+    model.local_step(_input(torch.rand(1, 3, 96, 96)), 1).loss.backward()
     heads = list(model.aux) + [model.head]
     for h in heads:
         for lin in (h.attn_w, h.attn_v, h.attn_u, h.proj):
@@ -211,11 +215,13 @@ def test_seeded_training_is_deterministic():
     ({"widths": (4, 4, 8, 8), "blocks": (3, 4, 6, 3), "head_dim": 8, "gn_groups": 4}, 48 * 31),
     # A per-pixel norm in the trunk keeps strips exact (a norm over the map would not).
     ({"trunk_norm": "channel"}, 48 * 16),
+    # A final head whose cells are 2 x 2 grid cells (the paper preset's are 5 x 5).
+    ({"head_kernel": 2}, 48 * 16),
 ])
 def test_strip_inference_equals_whole_image(overrides, height):
     model = tiny(strip_rows=2, **overrides).eval()
     randomise_bn(model)
-    x = model.prepare_tensor(torch.rand(1, 3, height, 96, generator=torch.Generator().manual_seed(2)))
+    x = _input(torch.rand(1, 3, height, 96, generator=torch.Generator().manual_seed(2)))
     assert 2 * model.margin < height  # some strips have both margins inside the image
     steps = []
     with torch.no_grad():
@@ -223,8 +229,9 @@ def test_strip_inference_equals_whole_image(overrides, height):
         strips = model.project_strips(lambda r0, r1: x[:, :, r0:r1], height,
                                       lambda j, n, i, a: steps.append((j, n, i)))
     assert len({j for j, _, _ in steps}) == math.ceil(height / 48 / 2) > 2
-    for a, b in zip(whole, strips):
-        assert a.shape == b.shape == (1, model.config.head_dim, height // 48, 2)
+    for i, (a, b) in enumerate(zip(whole, strips)):
+        k = model.config.head_kernel if i == model.num_modules - 1 else 1
+        assert a.shape == b.shape == (1, model.config.head_dim, height // 48 // k, 2 // k)
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     # Too small a margin must show (the test can fail).
     model.margin = 0
@@ -242,7 +249,8 @@ def test_channel_norm_trunk_normalises_every_pixel_and_trains():
     torch.testing.assert_close(out.mean(1), torch.zeros(1, 5, 7), atol=1e-5, rtol=0)
     torch.testing.assert_close(out.var(1, unbiased=False), torch.ones(1, 5, 7), atol=1e-3, rtol=0)
     # Its norms learn (freeze_bn only freezes BatchNorm).
-    out = model.training_step_on_tensor(torch.rand(1, 3, 96, 96), 1)
+    out = model.local_step(_input(torch.rand(1, 3, 96, 96)), 1)
+    out.loss.backward()
     assert torch.isfinite(out.loss)
     assert norms[0].weight.grad is not None and norms[0].weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="trunk_norm"):
@@ -295,9 +303,11 @@ def check_trace(model, view, events):
     assert [m.group for m in maps] == ["module"] * (model.num_modules - 1) + ["head"]
     w_in, h_in = model.input_size(view)
     for m in maps:
-        assert m.shape == (h_in // 48, w_in // 48)
+        c = 48 * (model.config.head_kernel if m.name == "head" else 1)  # input pixels per cell
+        assert w_in % c == 0 and h_in % c == 0
+        assert m.shape == (h_in // c, w_in // c)
         assert m.origin == (bx, by)
-        assert m.cell == pytest.approx((48 * bw / w_in, 48 * bh / h_in))
+        assert m.cell == pytest.approx((c * bw / w_in, c * bh / h_in))
         assert m.rect == pytest.approx(view.bounds, abs=1e-6)
         assert sum(map(sum, m.values)) == pytest.approx(1.0, abs=1e-4)
         assert all(isinstance(v, float) and v >= 0 for row in m.values for v in row)
@@ -333,12 +343,29 @@ def test_paper_preset_eight_modules_train_on_a_small_input():
     model = registry.create("local_learning", "paper", num_modules=8).train()
     assert model.out_stride == [6, 6, 6, 12, 12, 24, 24, 48]
     assert [r.factor for r in model.rfr] == [6, 1, 1, 2, 1, 2, 1]
-    out = model.training_step_on_tensor(torch.rand(1, 3, 96, 96), 1)
-    assert math.isfinite(float(out.loss)) and out.logits.shape == (2,)
+    # The reference's final head: kernel = stride = 5 cells, 512-d, so the input is 240 px cells.
+    assert model.head.proj.kernel_size == (5, 5) and model.head.proj.out_channels == 512
+    assert model.unit == 240
+    out = model.local_step(_input(torch.rand(1, 3, 240, 240)), 1)
+    out.loss.backward()
+    assert math.isfinite(float(out.loss.detach())) and out.logits.shape == (2,)
     assert {f"m{i}_rfr" for i in range(1, 8)} <= set(out.parts)
     assert all(p.grad is None for p in model.trunk.stem.parameters())  # frozen stem
     assert model.trunk.stages[3][2].conv2.weight.grad.abs().sum() > 0
     assert model.trunk.stages[0][1].conv1.weight.grad.abs().sum() > 0
+
+
+def test_head_cells_of_several_grid_cells_tile_the_view():
+    view = SlideView(Slide(DEMO_SLIDE))
+    model = tiny(strip_rows=4, head_kernel=2).eval()
+    w_in, h_in = model.input_size(view)
+    assert w_in % 96 == 0 and h_in % 96 == 0
+    _, events = run_explain(model, view)
+    check_trace(model, view, events)
+    head = [e for e in events if isinstance(e, AttentionMap) and e.name == "head"][0]
+    assert head.shape == (h_in // 96, w_in // 96)
+    with pytest.raises(ValueError, match="head_kernel"):
+        tiny(head_kernel=3)  # 16 strip rows are not whole head cells
 
 
 def test_many_strips_on_a_slide_agree_with_one_strip():

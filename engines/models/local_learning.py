@@ -33,12 +33,14 @@ Departures, and why
 -------------------
 * Auxiliary kernel. The reference uses kernel = stride = 9 or 7. Here the kernel is
   ``trunk stride / module stride`` (8, 4, 2 for outputs at stride 6, 12, 24), so every
-  auxiliary cell covers the same 48 x 48 input pixels as a cell of the final grid. Together with
-  an input size rounded to a multiple of 48 this makes every attention map tile the view
-  exactly (no partial cells, nothing outside the view) and lets strip inference crop on cell
-  boundaries.
-* Input size. The view is resampled to the nearest multiple of the trunk stride (48) on each
-  side (aspect changes by under 24 px), never finer than level 0, and capped at ``max_side``.
+  auxiliary cell covers the same 48 x 48 input pixels as a cell of the final grid. The final
+  head is the reference's in the ``paper`` preset (kernel = stride = 5 over the final grid,
+  512-d: a head cell is 240 input pixels); ``tiny`` keeps kernel 1. With an input size rounded
+  to a whole number of head cells, every attention map tiles the view exactly (no partial
+  cells, nothing outside the view) and strip inference crops on cell boundaries.
+* Input size. The view is resampled to the nearest multiple of a head cell (``unit``: 240
+  input pixels in ``paper``, 48 in ``tiny``) on each side, never finer than level 0, and
+  capped at ``max_side``.
 * RFR crop of later modules: the paper says only that it "depends on the feature map"; we keep
   the cell count of module 1's crop (128 / 6 = 21 cells), clipped to the map.
 * Inference runs the trunk in overlapping horizontal strips (``strip_rows`` final-grid rows
@@ -49,7 +51,6 @@ Departures, and why
   accumulation). It therefore computes each module's local gradients with
   ``torch.autograd.grad`` (one module graph alive at a time) and returns a loss whose backward
   adds ``factor * gradient`` to every parameter: same gradients, bounded memory.
-  ``training_step_on_tensor`` back-propagates module by module directly, for benchmarks.
 * ``tiny`` preset: the same architecture with widths 8-64 and two blocks per stage, trained from
   scratch (stem not frozen), at 2.5x, input capped at 768 px.
 
@@ -96,6 +97,7 @@ class LocalLearningConfig:
     fallback_downsample: float = 8.0  # used when the slide states neither power nor mpp
     max_side: int = 24576  # input pixels on the longer side, at most
     head_dim: int = 256  # channels after the head / auxiliary convolution
+    head_kernel: int = 1  # kernel = stride of the final head's convolution, in final-grid cells
     attn_dim: int = 128  # gated attention hidden size
     gn_groups: int = 32
     rfr_crops: int = 10
@@ -120,6 +122,9 @@ class LocalLearningConfig:
         if min(self.strip_rows, self.rfr_crops, self.max_side, self.rfr_crop, self.head_dim, self.attn_dim) < 1:
             raise ValueError("local_learning: strip_rows, rfr_crops, rfr_crop, max_side, head_dim and attn_dim "
                              "must be positive")
+        if self.head_kernel < 1 or self.strip_rows % self.head_kernel:
+            raise ValueError("local_learning: head_kernel must be positive and divide strip_rows "
+                             "(a strip holds whole head cells)")
         blocks = RESNET34_BLOCKS if self.backbone == "resnet34" else tuple(self.blocks)
         if not 1 <= self.num_modules <= sum(blocks):
             raise ValueError(f"local_learning: num_modules must be between 1 and {sum(blocks)} "
@@ -132,7 +137,8 @@ PRESETS = {
         magnification=2.5, fallback_downsample=8.0, max_side=768, head_dim=32, attn_dim=16,
         gn_groups=8, rfr_crop=48, freeze_stem=False, strip_rows=16, accumulation=1,
     ),
-    "paper": LocalLearningConfig(),
+    # The reference code's final head: kernel = stride = 5 over the final grid, 512-d.
+    "paper": LocalLearningConfig(head_kernel=5, head_dim=512, strip_rows=10),
 }
 
 
@@ -397,7 +403,9 @@ class LocalLearning(SlideModel):
             RandomFeatureReconstruction(out_ch[i], in_ch[i], self.out_stride[i] // in_stride[i], c.rfr_crops, cells)
             for i in range(k - 1)
         )
-        self.head = GatedMILHead(out_ch[-1], 1, c.head_dim, c.attn_dim, c.gn_groups, self.num_classes)
+        self.head = GatedMILHead(out_ch[-1], c.head_kernel, c.head_dim, c.attn_dim, c.gn_groups, self.num_classes)
+        # The input is a whole number of head cells, so every map tiles the view exactly.
+        self.unit = self.stride * c.head_kernel
         if c.freeze_stem:
             for p in self.trunk.stem.parameters():
                 p.requires_grad_(False)
@@ -463,7 +471,7 @@ class LocalLearning(SlideModel):
     # -- input -------------------------------------------------------------------------------
     def input_size(self, view: SlideView) -> tuple[int, int]:
         """(width, height) of the input image: the view at ``magnification``, each side a
-        multiple of the trunk stride, never finer than level 0, the longer side capped."""
+        multiple of a head cell (``unit``), never finer than level 0, the longer side capped."""
         _, _, w, h = view.bounds
         ds = self.config.fallback_downsample
         if self.config.magnification:
@@ -471,7 +479,7 @@ class LocalLearning(SlideModel):
             if base:
                 ds = base / self.config.magnification
         ds = max(ds, 1.0, max(w, h) / self.config.max_side)
-        s = self.stride
+        s = self.unit
         return max(1, round(w / ds / s)) * s, max(1, round(h / ds / s)) * s
 
     def _reader(self, view: SlideView, w_in: int, h_in: int) -> Reader:
@@ -500,36 +508,14 @@ class LocalLearning(SlideModel):
             prev = out.detach()
             del out
 
-    def prepare_tensor(self, x: torch.Tensor) -> torch.Tensor:
-        """(1, 3, H, W) in [0, 1] -> normalised, padded with white to multiples of the stride."""
-        if x.dim() != 4 or x.shape[0] != 1 or x.shape[1] != 3:
-            raise ValueError(f"expected a (1, 3, H, W) image tensor, got shape {tuple(x.shape)}")
-        s = self.stride
-        x = x.to(self.device)
-        ph, pw = -x.shape[2] % s, -x.shape[3] % s
-        if ph or pw:
-            x = F.pad(x, (0, pw, 0, ph), value=1.0)
-        return backbones.normalise(x.float())
-
-    def training_step_on_tensor(self, x: torch.Tensor, label: int, scale: float = 1.0) -> StepOutput:
-        """One training step on an image tensor (1, 3, H, W) in [0, 1]: every module's local
-        loss is back-propagated (times ``scale``) into ``.grad`` as soon as it exists, so peak
-        memory is that of the largest module. The returned loss is detached."""
-        self.check_label(label)
-        x = self.prepare_tensor(x)
-        total, parts, logits = 0.0, {}, None
-        for ml in self.local_losses(x, label):
-            if ml.loss.requires_grad:
-                (ml.loss * scale).backward()
-            total += float(ml.loss.detach())
-            parts.update(ml.parts)
-            logits = ml.logits.detach()
-        return StepOutput(torch.tensor(total, device=x.device), logits, parts)
-
     def training_step(self, view: SlideView, label: int, epoch: int = 0) -> StepOutput:
-        self.check_label(label)
         w_in, h_in = self.input_size(view)
-        x = self._reader(view, w_in, h_in)(0, h_in)
+        return self.local_step(self._reader(view, w_in, h_in)(0, h_in), label)
+
+    def local_step(self, x: torch.Tensor, label: int) -> StepOutput:
+        """The training step on a normalised (1, 3, H, W) input whose sides are multiples of
+        ``stride`` (what ``training_step`` reads from its view)."""
+        self.check_label(label)
         params = [p for p in self.parameters() if p.requires_grad]
         index = {id(p): j for j, p in enumerate(params)}
         grads: list[torch.Tensor | None] = [None] * len(params)
@@ -610,9 +596,10 @@ class LocalLearning(SlideModel):
                 logits, attn = self.module_head(i).pool(z)
                 probs = torch.softmax(logits, 0).tolist()
                 last = i == steps - 1
+                c = s * (self.config.head_kernel if last else 1)  # a map cell, in input pixels
                 emit(AttentionMap(
                     name="head" if last else f"module {i + 1}", group="head" if last else "module",
-                    magnification=mag, origin=(bx, by), cell=(s * sx, s * sy),
+                    magnification=mag, origin=(bx, by), cell=(c * sx, c * sy),
                     values=[[float(v) for v in row] for row in attn.tolist()],
                 ))
                 emit(TrailStep(index=i, field_id=0, probs=probs))
