@@ -85,6 +85,7 @@ class InferenceController(QObject):
         self.runs = RunController(store, engine or EngineThread(self), job_factory, parent=self)
         self.layers: dict[Key, TraceLayers] = {}  # the canvas layers of each trace, made when first shown
         self._last_scope: dict[tuple[str, str], str] = {}  # (slide, model) -> trace name shown last
+        self._opened: str | None = None  # the slide whose project traces are awaited on opening
         self.current: TraceLayers | None = None
         self.compare: TraceLayers | None = None  # another trace shown alongside
         self.shown_key: Key | None = None  # whose trace and status the dock shows
@@ -126,6 +127,7 @@ class InferenceController(QObject):
         runs.busy_changed.connect(lambda _busy: self._update_project_controls())
         store.project_changed.connect(lambda _p: self._update_project_controls())
         store.traces_changed.connect(self._on_traces_changed)
+        store.project_traces_ready.connect(self._on_project_traces)
         store.result_changed.connect(self._on_result_changed)
         self._update_project_controls()
         canvas.installEventFilter(self)
@@ -224,11 +226,23 @@ class InferenceController(QObject):
         self.current = None
         self.compare = None
         slide = self._slide_key()
-        run_keys = self.store.load_project_traces(slide) if slide is not None else []
+        self._show(self.key_for_model(self.panel.model()))
+        self._opened = slide  # its project traces, once read, may choose what is shown
+        if slide is not None:
+            self.store.load_project_traces(slide)  # read on a worker: _on_project_traces
+
+    def _on_project_traces(self, slide: str, keys: list) -> None:
+        """A project slide opens with what its runs found, once read: the current model's
+        trace, or else the last run's model and its trace. Nothing changes under a run or
+        for a slide no longer open."""
+        if slide != self._opened or slide != self._slide_key():
+            return  # read for another reason (a project run reached the slide): listed only
+        self._opened = None
+        if not keys or self.current is not None or self.runs.busy:
+            return
         model = self.panel.model()
-        if run_keys and not self.traces_of(model):
-            # A project slide opens with what its runs found: that model's trace.
-            self.panel.set_model(run_keys[-1][1])  # shows it (the model changed)
+        if not self.traces_of(model):
+            self.panel.set_model(keys[-1][1])  # shows it (the model changed)
             if self.panel.model() != model:
                 return
         self._show(self.key_for_model(self.panel.model()))
@@ -452,8 +466,7 @@ class InferenceController(QObject):
         slide = self._slide_key()
         project = self.store.project
         if slide is not None and project is not None and project.key_of(slide) == key:
-            self.store.load_project_traces(slide)
-            self._refresh_choosers()
+            self.store.load_project_traces(slide)  # listed when read (traces_changed)
 
     def _layers_of_run(self) -> TraceLayers | None:
         return self.layers.get(self._run_key) if self._run_key else None

@@ -704,6 +704,7 @@ class MainWindow(QMainWindow):
         if self.training_dialog is not None:
             self.training_dialog.shutdown()
         self._jobs.shutdown(CLOSE_WAIT_MS)
+        self.results.shutdown(CLOSE_WAIT_MS)  # project traces being read
         self.canvas.shutdown(CLOSE_WAIT_MS)  # the region store: tiles, thumbnail, images
         super().closeEvent(event)
 

@@ -19,6 +19,8 @@ from engines import registry
 from engines.resources import resource_path
 from viewer.overlays import colormaps
 
+NO_PROJECT = "Open a project to run a model on all its slides"
+PROJECT_READY = "Run the chosen model on every slide of the project"
 
 
 class Scope(enum.Enum):
@@ -169,7 +171,7 @@ class ModelsPanel(QWidget):
         self.project_progress = QProgressBar()
         self.project_progress.setRange(0, 1)
         self.project_progress.setValue(0)
-        self.project_label = QLabel("Open a project to run a model on all its slides")
+        self.project_label = QLabel(NO_PROJECT)
         self.project_label.setWordWrap(True)
         prow_buttons = QHBoxLayout()
         prow_buttons.addWidget(self.project_run_button)
@@ -557,7 +559,9 @@ class ModelsPanel(QWidget):
         if running:
             self.project_progress.setRange(0, 0)
         if not has_project and not running:
-            self.project_label.setText("Open a project to run a model on all its slides")
+            self.project_label.setText(NO_PROJECT)
+        elif has_project and self.project_label.text() == NO_PROJECT:
+            self.project_label.setText(PROJECT_READY)  # a finished run's summary stays
 
     def set_project_progress(self, done: int, total: int, text: str) -> None:
         if total > 0:

@@ -228,13 +228,13 @@ def test_unsaved_edits_without_a_project_are_asked_about(qtbot, window, tmp_path
     assert len(read_geojson(saved)) == 1
 
 
-def test_edits_are_saved_into_the_open_project(qtbot, window, tmp_path):
+def test_edits_are_saved_into_the_open_project(qtbot, window, tmp_path, monkeypatch):
     entry = SimpleNamespace(key="demo-1", annotations=None)
     saves = []
     project = SimpleNamespace(path=tmp_path / "p.maglens.json", source=tmp_path,
                               key_of=lambda p: "demo-1" if Path(p) == DEMO_SLIDE else None,
                               slide=lambda k: entry, save=lambda path=None: saves.append(1))
-    window.results = SimpleNamespace(project=project)
+    monkeypatch.setattr(window.results, "project", project)  # what the annotations read
     ctl = window.annotations
     draw_rect(window)
     target = tmp_path / "annotations" / "demo-1.geojson"

@@ -102,21 +102,38 @@ def test_a_slides_run_traces_load_when_asked_and_leave_with_the_project(qtbot, p
     store.put_trace(single, _trace("zoom_in", slide_a))
 
     assert store.trace_keys(slide_a) == [single]  # nothing read before the slide is asked for
+
+    def load(slide: str) -> list:
+        with qtbot.waitSignal(store.project_traces_ready, timeout=5000) as ready:
+            store.load_project_traces(slide)
+        assert ready.args[0] == slide
+        return ready.args[1]
+
     with qtbot.waitSignal(store.traces_changed) as blocker:
-        keys = store.load_project_traces(slide_a)
+        keys = load(slide_a)  # read on a worker; the window stays free meanwhile
     assert blocker.args == [slide_a]
     assert keys == [(slide_a, "zoom_in", "zoom_in tiny"), (slide_a, "magnet", "magnet tiny")]
     assert store.trace(keys[0]).probs == [0.1, 0.9] and store.trace(keys[1]).probs == [0.6, 0.4]
-    assert store.load_project_traces(slide_a) == keys  # read once, kept
-    assert store.load_project_traces(slide_b) == []  # its file is damaged
-    assert store.load_project_traces(str(project.slide("c").path)) == []  # it failed: no trace
-    assert store.load_project_traces("/elsewhere/not-in-project.svs") == []
+    with qtbot.assertNotEmitted(store.traces_changed):
+        assert load(slide_a) == keys  # read once, kept
+    assert load(slide_b) == []  # its file is damaged
+    assert load(str(project.slide("c").path)) == []  # it failed: no trace
+    with qtbot.assertNotEmitted(store.project_traces_ready, wait=100):
+        store.load_project_traces("/elsewhere/not-in-project.svs")
 
     # A re-run slide's new trace is read again when next asked.
     _trace("zoom_in", slide_a, (0.8, 0.2)).save(trace_path(run.out, "a"))
     store.add_result("zoom_in tiny", _result("a"))
     assert store.trace(keys[0]) is None
-    assert store.trace(store.load_project_traces(slide_a)[0]).probs == [0.8, 0.2]
+    assert store.trace(load(slide_a)[0]).probs == [0.8, 0.2]
+
+    # Traces still being read when their project closes are dropped.
+    _trace("magnet", slide_b, (0.3, 0.7)).save(trace_path(other.out, "b"))
+    store.load_project_traces(slide_b)
+    store.set_project(None)
+    qtbot.wait(200)
+    assert store.trace_keys(slide_b) == []
+    store.set_project(project)
 
     store.set_project(None)  # the runs' traces go with their project, a single run's stay
     assert store.trace_keys(slide_a) == [single]

@@ -85,6 +85,7 @@ def test_run_on_project_needs_a_project(qtbot, window):
 def test_results_arrive_one_by_one_then_the_project_is_saved(qtbot, window, project, model_threads):
     panel, store = window.models_panel, window.results
     assert panel.project_run_button.isEnabled()
+    assert panel.project_label.text() == "Run the chosen model on every slide of the project"
     arrivals = []  # (slide key, how many results the store held then)
     store.result_changed.connect(lambda run, key: arrivals.append((key, len(store.run(run).results))))
     progress = []
@@ -205,7 +206,8 @@ def test_the_open_slides_trace_is_listed_when_the_run_reaches_it(qtbot, window, 
     open_and_wait(qtbot, window, slide)
     assert panel.trace_combo.itemText(0) == "(none yet)" and ctl.current is None
     _run_on_project(qtbot, window)
-    assert [panel.trace_combo.itemText(i) for i in range(panel.trace_combo.count())] == [RUN]
+    qtbot.waitUntil(lambda: [panel.trace_combo.itemText(i) for i in range(panel.trace_combo.count())] == [RUN])
+    qtbot.wait(100)
     assert ctl.current is None  # listed, not pushed onto the screen
     panel.trace_combo.activated.emit(0)  # the user picks it
     assert ctl.shown_key == (str(slide), MODEL, RUN) and ctl.current is not None
