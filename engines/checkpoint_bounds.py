@@ -82,6 +82,7 @@ KEY_BOUNDS: dict[str, tuple[float, float]] = {
     "fallback_downsample": (0, 1 << 16),
     "max_side": (1, 1 << 15),  # the whole view is read at this side
     "head_dim": (1, WIDTH),
+    "head_kernel": (1, 64),
     "attn_dim": (1, WIDTH),
     "gn_groups": (1, WIDTH),
     "rfr_crops": (0, 4096),
