@@ -172,6 +172,9 @@ RECIPES: dict[str, dict] = {
     # looking at the whole slide at 224 px from 448 (a sharper first layer, since removed;
     # a needle 5-18 localiser pixels): 0.76 on 2-6 % needles against 0.93 without, and 0.48-0.52
     # on 0.5-2 %.
+    # Not kept either (README, "Tried for MagNet and not kept"): an attention-MIL classifier on
+    # layer 1's masks, with layer 1 at 112 or at 224 px (at chance on the same 108 slides), and
+    # boxes read from the mask's peak only (one box per mode: at chance even on 10-30 % needles).
     "magnet": {"lr": 5e-4, "finetune_lr": 1.5e-4,
                "overrides": {"input_px": 112, "source_px": 224, "accumulation": 1},
                "minutes": (12, 9, 0, 15, 0)},
