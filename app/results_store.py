@@ -147,7 +147,12 @@ class ResultsStore(QObject):
         self._reading.update(m for m, _, _ in todo)
         self._jobs.submit(lambda: _read_traces(todo),
                           lambda read: self._adopt(project, slide_path, slide_key, read),
-                          lambda exc: log.warning("cannot read the project's traces: %s", exc))
+                          lambda exc: self._read_failed(todo, exc))
+
+    def _read_failed(self, todo: list[tuple[tuple[str, str], TraceKey, Path]], exc: BaseException) -> None:
+        """A worker that failed outright: its files may be asked for again."""
+        log.warning("cannot read the project's traces: %s", exc)
+        self._reading.difference_update(m for m, _, _ in todo)
 
     def _adopt(self, project: Project, slide_path: str, slide_key: str,
                read: list[tuple[tuple[str, str], TraceKey, Trace | None]]) -> None:
