@@ -64,6 +64,7 @@ from engines.checkpoint import checkpoint_sha256
 from engines.data import Dataset, Sample, read_manifest
 from engines.recipes import SCHEDULERS
 from engines.devices import dist_backend, local_rank, resolve_device
+from engines.hostmem import return_large_frees_to_os
 from engines.sampling import Orientation, SlideView
 from engines.slide import Slide, SlideError
 from engines.trace import write_atomic
@@ -607,6 +608,8 @@ class Trainer:
         on_cuda = device.type == "cuda"
         if on_cuda:
             torch.cuda.set_device(device)
+        else:
+            return_large_frees_to_os()  # resident memory follows the live tensors (hostmem)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         data = self._prepare_data(resume)
