@@ -142,15 +142,53 @@ def test_forward_shapes_and_loss_terms(demo_slide):
     assert three.training_step(view, 2).logits.shape == (3,)
 
 
-def test_contrastive_term_only_for_positives_after_warmup(demo_slide):
-    model = _model(contrastive_warmup=2)
+@pytest.mark.parametrize("weighting", ["attention", "complement"])
+def test_contrastive_term_only_for_positives_after_warmup(demo_slide, weighting):
+    model = _model(contrastive_warmup=2, contrastive_weighting=weighting)
     view = SlideView(demo_slide, roi=ROI)
     assert "contrastive" not in model.training_step(view, 1, epoch=1).parts
     assert "contrastive" not in model.training_step(view, 0, epoch=5).parts
     out = model.training_step(view, 1, epoch=2)
     assert out.parts["contrastive"] > 0
-    assert out.parts["loss"] == pytest.approx(
-        out.parts["ce"] + out.parts["contrastive"] - 1e-5 * out.parts["entropy"], rel=1e-5)
+    # The reference's contrastive pass has its own entropy term; the complement weighting none.
+    spread = out.parts["entropy"] + out.parts.get("contrastive_entropy", 0.0)
+    assert ("contrastive_entropy" in out.parts) == (weighting == "attention")
+    assert out.parts["loss"] == pytest.approx(out.parts["ce"] + out.parts["contrastive"] - 1e-5 * spread, rel=1e-5)
+
+
+def test_presets_weight_contrastive_estimators_as_documented():
+    assert registry.create("zoom_in", "paper").config.contrastive_weighting == "attention"
+    assert registry.create("zoom_in", "tiny").config.contrastive_weighting == "complement"
+    with pytest.raises(ValueError, match="contrastive_weighting"):
+        registry.create("zoom_in", "tiny", contrastive_weighting="beta")
+
+
+@pytest.mark.parametrize("weighting", ["attention", "complement"])
+def test_contrastive_estimators_are_weighted_as_configured(demo_slide, monkeypatch, weighting):
+    """The reference draws contrastive sub-tiles from 1 - beta (tiles from 1 - alpha) but
+    weights their estimators by beta and alpha; "complement" weights them by what they were
+    drawn from."""
+    drawn_from, weighted_by, tile_weights = [], [], []
+    draw, estimate, aggregate = (zi.sample_without_replacement, zi.expectation_without_replacement,
+                                 zi.two_stage_expectation)
+    monkeypatch.setattr(zi, "sample_without_replacement",
+                        lambda dist, k: drawn_from.append(dist.detach().clone()) or draw(dist, k))
+    monkeypatch.setattr(zi, "expectation_without_replacement",
+                        lambda a, i, f: weighted_by.append(a.detach().clone()) or estimate(a, i, f))
+    monkeypatch.setattr(zi, "two_stage_expectation",
+                        lambda a, d, t: tile_weights.append(a.detach().clone()) or aggregate(a, d, t))
+    model = _model(contrastive_warmup=0, contrastive_weighting=weighting)
+    torch.manual_seed(3)
+    model.training_step(SlideView(demo_slide, roi=ROI), 1, epoch=0).loss.backward()
+    assert len(drawn_from) == len(weighted_by) > 1 and len(tile_weights) == 2
+    same = [torch.equal(d, w) for d, w in zip(drawn_from, weighted_by)]
+    if weighting == "complement":
+        assert all(same)
+        assert torch.allclose(tile_weights[1], zi._complement(tile_weights[0]))
+        return
+    complement = [torch.allclose(d, zi._complement(w)) for d, w in zip(drawn_from, weighted_by)]
+    assert any(same) and any(complement) and all(s or c for s, c in zip(same, complement))
+    assert torch.equal(tile_weights[0], tile_weights[1])  # alpha for both passes
 
 
 def test_entropy_term_spreads_attention_as_the_reference_does(demo_slide):
