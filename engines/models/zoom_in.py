@@ -173,6 +173,11 @@ def reference_tile_weights(alpha: torch.Tensor) -> torch.Tensor:
     return w / total
 
 
+def _spread(alpha: torch.Tensor, betas: list[torch.Tensor]) -> torch.Tensor:
+    """The entropy regulariser's argument: entropy of alpha plus the mean entropy of a pass's betas."""
+    return entropy(alpha) + torch.stack([entropy(b) for b in betas]).mean()
+
+
 def _complement(p: torch.Tensor) -> torch.Tensor:
     """The contrastive distribution: 1 - p renormalised (uniform when p is one-hot)."""
     q = 1.0 - p
@@ -337,7 +342,7 @@ class ZoomInNet(SlideModel):
         logits, betas = self._pass(view, grid, alpha, contrastive=False)
         target = torch.tensor([int(label)], device=logits.device)
         ce = F.cross_entropy(logits[None], target)
-        spread = entropy(alpha) + torch.stack([entropy(b) for b in betas]).mean()
+        spread = _spread(alpha, betas)
         # As in attention sampling and the reference code (strength x sum p log p): spread-out
         # attention lowers the loss, so the sampler keeps exploring while it learns.
         loss = ce - self.config.entropy_weight * spread
@@ -350,7 +355,7 @@ class ZoomInNet(SlideModel):
             parts["contrastive"] = con.item()
             if self.config.contrastive_weighting == "attention":
                 # The reference's contrastive pass carries its own entropy term.
-                con_spread = entropy(alpha) + torch.stack([entropy(b) for b in con_betas]).mean()
+                con_spread = _spread(alpha, con_betas)
                 con_loss = con - self.config.entropy_weight * con_spread
                 parts["contrastive_entropy"] = con_spread.item()
             loss = loss + self.config.contrastive_weight * con_loss
